@@ -1,0 +1,136 @@
+"""lora.py (tiny inline model with diffusers attention names): B = 0 is the base model; functional equals explicitly merged; per-sample vmap equals the loop; gradients
+reach only the LoRA factors; the checkpoint-safe substitution gives the same gradients."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import lora
+from conftest import rel_err
+
+
+class Attn(nn.Module):
+    def __init__(self, c: int, ctx: int):
+        super().__init__()
+        self.to_q = nn.Linear(c, c, bias=False)
+        self.to_k = nn.Linear(ctx, c, bias=False)
+        self.to_v = nn.Linear(ctx, c, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])
+
+    def forward(self, x, ctx):
+        q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+        q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.to_out[0](o)
+
+
+class Block(nn.Module):
+    """A U-Net-like block: conv, group norm, time embedding, self- and cross-attention with diffusers names."""
+    def __init__(self, c: int = 8, ctx: int = 6):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.norm = nn.GroupNorm(2, c)
+        self.emb = nn.Linear(1, c)
+        self.attn1, self.attn2 = Attn(c, c), Attn(c, ctx)
+
+    def forward(self, x, t, ctx):
+        h = self.conv(F.silu(self.norm(x))) + self.emb(t.view(-1, 1).float())[:, :, None, None]
+        B, C, H, W = h.shape
+        tok = h.flatten(2).transpose(1, 2)
+        tok = tok + self.attn1(tok, tok)
+        tok = tok + self.attn2(tok, ctx)
+        return x + tok.transpose(1, 2).reshape(B, C, H, W)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, t, ctx):
+        for b in self.blocks:
+            x = checkpoint(b, x, t, ctx, use_reentrant=False) if self.gradient_checkpointing else b(x, t, ctx)
+        return x
+
+
+def make(batch=None, rank=2, zero_b=False, seed=1):
+    torch.manual_seed(seed)
+    model = Tiny().eval().requires_grad_(False)
+    targets = lora.find_targets(model, lora.UNET_TARGETS)
+    lead = () if batch is None else (batch,)
+    factors = {t.name: (torch.randn(*lead, rank, t.in_features),
+                        torch.zeros(*lead, t.out_features, rank) if zero_b else torch.randn(*lead, t.out_features, rank))
+               for t in targets}
+    return model, targets, factors
+
+
+def inputs(n=4):
+    return torch.randn(n, 8, 3, 3), torch.randint(0, 1000, (n,)), torch.randn(n, 5, 6)
+
+
+def test_find_targets_names_and_errors():
+    model, targets, _ = make()
+    assert len(targets) == 16
+    assert targets[0].name == "blocks.0.attn1.to_q" and targets[3].name == "blocks.0.attn1.to_out.0"
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        lora.find_targets(model, [r"nope$"])
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        lora.find_targets(model, [r"blocks\.0\.conv$"])
+
+
+def test_zero_b_is_the_base_model():
+    model, _, factors = make(zero_b=True)
+    x, t, c = inputs()
+    assert torch.equal(lora.lora_call(model, factors, 0.5, x, t, c), model(x, t, c))
+    _, _, fb = make(batch=4, zero_b=True)
+    # per sample (vmap): the linears become batched matmuls, equal to the base up to float rounding
+    assert rel_err(lora.lora_forward(model, fb, 0.5, x, t, c), model(x, t, c)) < 1e-6
+
+
+def test_functional_equals_explicitly_merged_and_leaves_model_untouched():
+    model, targets, factors = make()
+    before = copy.deepcopy(model.state_dict())
+    x, t, c = inputs()
+    ours = lora.lora_call(model, factors, 0.5, x, t, c)
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for tg in targets:
+            A, B = factors[tg.name]
+            merged.get_submodule(tg.name).weight += 0.5 * B @ A
+    assert rel_err(ours, merged(x, t, c)) < 1e-6
+    assert rel_err(ours, model(x, t, c)) > 1e-3                    # the LoRA does something
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("k", [1, 2])                              # k = 2: CFG copies share their sample's LoRA
+def test_per_sample_vmap_equals_loop(k):
+    model, _, factors = make(batch=3)
+    x, t, c = inputs(3 * k)
+    ours = lora.lora_call_per_sample(model, factors, 0.5, x, t, c)
+    ref = lora.lora_call_per_sample_loop(model, factors, 0.5, x, t, c)
+    assert rel_err(ours, ref) < 1e-5
+    # the loop itself agrees with one lora_call per sample
+    one = lora.lora_call(model, {n: (A[1], B[1]) for n, (A, B) in factors.items()}, 0.5, x[1::3], t[1::3], c[1::3])
+    assert rel_err(ref[1::3], one) < 1e-6
+
+
+def test_gradients_reach_only_lora_factors_and_survive_checkpointing():
+    model, _, factors = make()
+    for A, B in factors.values():
+        A.requires_grad_(True), B.requires_grad_(True)
+    x, t, c = inputs()
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        with lora.substituted(model, lora.merged_params(model, factors, 0.5)):
+            model(x, t, c).square().mean().backward()
+        grads.append(torch.cat([g.grad.flatten() for ab in factors.values() for g in ab]))
+        for A, B in factors.values():
+            A.grad, B.grad = None, None
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert grads[0].abs().sum() > 0 and rel_err(grads[1], grads[0]) < 1e-6
+    assert isinstance(model.blocks[0].attn1.to_q.weight, nn.Parameter)  # restored after the block
