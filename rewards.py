@@ -37,7 +37,13 @@ from weights import WeightsError, check_state_dict, read_config, read_safetensor
 # ------------------------------------------------------------------------------------------------------------ contract
 
 class Reward(nn.Module):
-    """Base class: `forward(images (B, 3, H, W) in [0, 1], prompts: list[str]) -> (B,)` float32 scores."""
+    """Base class: `forward(images (B, 3, H, W) in [0, 1], prompts: list[str]) -> (B,)` float32 scores.
+
+    Subclasses hold frozen models: call `self.freeze()` at the end of `__init__`.
+    """
+
+    def freeze(self) -> "Reward":
+        return self.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> "Reward":
         # NOTE: a reward is a frozen judge: a parent module's .train() must not switch on its dropout (aesthetic MLP).
@@ -61,7 +67,8 @@ class WeightedSum(Reward):
         self.rewards = nn.ModuleDict({name: reward for name, (reward, _) in parts.items()})
         self.weights = {name: float(w) for name, (_, w) in parts.items()}
 
-    def forward_parts(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_parts(self, images: torch.Tensor, prompts: Sequence[str]
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores = {name: reward(images, prompts) for name, reward in self.rewards.items()}  # each (B,)
         total = sum(self.weights[name] * s for name, s in scores.items())
         return total, scores
@@ -122,7 +129,7 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
 
     (B, 3, H, W) in [0, 1] -> (B, 3, S, S). torch's antialiased bicubic uses PIL's kernel (a = -0.5), so this is
     torchvision's Resize(size, BICUBIC) + CenterCrop(size) + Normalize on a float image.
-    NOTE: no clamp to [0, 1] after the bicubic overshoot (PIL clamps when it works in uint8): a clamp would cut gradients.
+    NOTE: no clamp to [0, 1] after the bicubic overshoot (PIL clamps when it works in uint8): it would cut gradients.
     """
     B, C, H, W = images.shape
     if (H, W) != (size, size):

@@ -36,8 +36,8 @@ def parquet(tmp_path):
         ("corrupt", b"\xff\xd8 not a jpeg", image_bytes(RED), 0.0, 1.0),
         ("third", image_bytes(RED), image_bytes(GREEN), 1.0, 0.0),
     ]
-    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(["caption", "jpg_0", "jpg_1", "label_0", "label_1"])}
-                     | {"best_image_uid": ["x"] * len(rows)})
+    columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1"]
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(columns)} | {"best_image_uid": ["x"] * len(rows)})
     (tmp_path / "data").mkdir()
     pq.write_table(table, tmp_path / "data" / "train-00000-of-00002.parquet", row_group_size=2)
     pq.write_table(table.slice(0, 1), tmp_path / "data" / "train-00001-of-00002.parquet")
@@ -136,7 +136,8 @@ def test_pref_batches(folder):
     assert chosen.shape == rejected.shape == (1, 3, 16, 16) and chosen.dtype == torch.float32
     assert torch.allclose(chosen[0, :, 8, 8], torch.tensor([1.0, -1.0, -1.0]))  # red in [-1, 1]
     assert torch.allclose(rejected[0, :, 8, 8], torch.tensor([-1.0, -1.0, 1.0]))
-    assert [len(b["prompts"]) for b in pref_batches(HPD(str(folder / "train.json"), "skip"), 2, 8)] == [2, 1]
-    assert [len(b["prompts"]) for b in pref_batches(HPD(str(folder / "train.json"), "skip"), 2, 8, drop_last=True)] == [2]
+    hpd = HPD(str(folder / "train.json"), "skip")
+    assert [len(b["prompts"]) for b in pref_batches(hpd, 2, 8)] == [2, 1]
+    assert [len(b["prompts"]) for b in pref_batches(hpd, 2, 8, drop_last=True)] == [2]
     x = image_to_tensor(Image.new("RGB", (30, 10), (255, 255, 255)), 8)  # non-square: short side to 8, center crop
     assert x.shape == (3, 8, 8) and torch.allclose(x, torch.ones_like(x))

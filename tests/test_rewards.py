@@ -27,7 +27,7 @@ PROMPTS = ["a red cat", "two dogs on a sofa"]
 
 
 def bytes_to_unicode() -> list[str]:  # GPT-2 / CLIP byte alphabet
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -38,7 +38,7 @@ def bytes_to_unicode() -> list[str]:  # GPT-2 / CLIP byte alphabet
 
 
 def write_tokenizer(folder: str) -> int:
-    """A real CLIPTokenizer with a byte-level vocab (no merges); EOT is the largest id, as in CLIP. Returns vocab size."""
+    """A real CLIPTokenizer with a byte-level vocab (no merges); EOT is the largest id, as in CLIP. -> vocab size."""
     chars = bytes_to_unicode()
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(folder, exist_ok=True)
@@ -137,7 +137,7 @@ def test_preprocess_matches_pil_bicubic():
         top, left = round((h - S) / 2), round((w - S) / 2)
         ref = torch.stack([torch.tensor(np.array(Image.fromarray(images[0, c].numpy(), mode="F").resize(
             (w, h), Image.BICUBIC)))[top:top + S, left:left + S] for c in range(3)])[None]
-        mean, std = torch.tensor(rewards.OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(rewards.OPENAI_STD).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (rewards.OPENAI_MEAN, rewards.OPENAI_STD))
         assert ours.shape == (1, 3, S, S)
         assert rel_err(ours, (ref - mean) / std) < 1e-4
 
@@ -259,3 +259,31 @@ class ConstReward(rewards.Reward):
 
 def test_isinstance_contract():
     assert issubclass(CLIPReward, rewards.Reward) and issubclass(WeightedSum, rewards.Reward)
+
+
+def test_hps_full_vit_h14_layout_converts_strictly():
+    """The real HPSv2 layout (open_clip ViT-H-14, shapes from its config) maps onto CLIPModel key for key (meta)."""
+    W_v, W_t, E, sd = 1280, 1024, 1024, {}
+    with torch.device("meta"):
+        sd.update({"visual.conv1.weight": torch.empty(W_v, 3, 14, 14), "visual.class_embedding": torch.empty(W_v),
+                   "visual.positional_embedding": torch.empty(257, W_v), "visual.proj": torch.empty(W_v, E),
+                   "token_embedding.weight": torch.empty(49408, W_t), "positional_embedding": torch.empty(77, W_t),
+                   "text_projection": torch.empty(W_t, E), "logit_scale": torch.empty(())})
+        for ln, w in (("visual.ln_pre", W_v), ("visual.ln_post", W_v), ("ln_final", W_t)):
+            sd[f"{ln}.weight"], sd[f"{ln}.bias"] = torch.empty(w), torch.empty(w)
+        for tower, w, n in (("visual.transformer", W_v, 32), ("transformer", W_t, 24)):
+            for i in range(n):
+                p = f"{tower}.resblocks.{i}."
+                sd |= {p + "ln_1.weight": torch.empty(w), p + "ln_1.bias": torch.empty(w),
+                       p + "ln_2.weight": torch.empty(w), p + "ln_2.bias": torch.empty(w),
+                       p + "attn.in_proj_weight": torch.empty(3 * w, w), p + "attn.in_proj_bias": torch.empty(3 * w),
+                       p + "attn.out_proj.weight": torch.empty(w, w), p + "attn.out_proj.bias": torch.empty(w),
+                       p + "mlp.c_fc.weight": torch.empty(4 * w, w), p + "mlp.c_fc.bias": torch.empty(4 * w),
+                       p + "mlp.c_proj.weight": torch.empty(w, 4 * w), p + "mlp.c_proj.bias": torch.empty(w)}
+        config = rewards.hps_config(sd)
+        model = CLIPModel(config)
+    rewards.check_state_dict(model, rewards.hps_to_transformers(sd), "ViT-H-14")
+    v, t = config.vision_config, config.text_config
+    assert (v.image_size, v.patch_size, v.num_hidden_layers, v.hidden_size // v.num_attention_heads) == (224, 14, 32, 80)
+    assert (t.num_hidden_layers, t.hidden_size // t.num_attention_heads, config.projection_dim) == (24, 64, 1024)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in sd.values())  # 986M, nothing extra
