@@ -127,11 +127,12 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     """Differentiable CLIP preprocessing: short side to `size` (bicubic, antialias), center crop, OpenAI mean/std.
 
-    (B, 3, H, W) in [0, 1] -> (B, 3, S, S). torch's antialiased bicubic uses PIL's kernel (a = -0.5), so this is
+    (B, 3, H, W) in [0, 1] -> (B, 3, S, S) float32. torch's antialiased bicubic uses PIL's kernel (a = -0.5), so this is
     torchvision's Resize(size, BICUBIC) + CenterCrop(size) + Normalize on a float image.
     NOTE: no clamp to [0, 1] after the bicubic overshoot (PIL clamps when it works in uint8): it would cut gradients.
     """
     B, C, H, W = images.shape
+    images = images.float()  # NOTE: antialiased bicubic has no bf16/fp16 CPU kernel; the resize is cheap in fp32
     if (H, W) != (size, size):
         scale = size / min(H, W)
         h, w = max(size, round(H * scale)), max(size, round(W * scale))

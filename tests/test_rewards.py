@@ -287,3 +287,28 @@ def test_hps_full_vit_h14_layout_converts_strictly():
     assert (v.image_size, v.patch_size, v.num_hidden_layers, v.hidden_size // v.num_attention_heads) == (224, 14, 32, 80)
     assert (t.num_hidden_layers, t.hidden_size // t.num_attention_heads, config.projection_dim) == (24, 64, 1024)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in sd.values())  # 986M, nothing extra
+
+
+def test_pickled_bin_folder_with_old_position_ids(files, tmp_path):
+    """A folder with only pytorch_model.bin (old hub uploads, which also saved position_ids buffers) loads the same."""
+    import shutil
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        shutil.copy(files["root"] / "clip" / name, tmp_path / name)
+    sd = files["clip"].state_dict() | {"text_model.embeddings.position_ids": torch.arange(CTX)[None]}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    images = torch.rand(2, 3, 32, 32)
+    ref = load_pickscore(str(files["root"] / "clip"))(images, PROMPTS)
+    assert rel_err(load_pickscore(str(tmp_path))(images, PROMPTS), ref) == 0
+
+
+def test_bf16_model_fp32_scores(files):
+    """bf16 weights (the CUDA setting): scores come back float32, gradients in the images' dtype."""
+    path = str(files["root"] / "hps.pt")
+    hps32 = load_hps(path, files["tok"], vision_heads=HEADS, text_heads=HEADS)
+    hps16 = load_hps(path, files["tok"], vision_heads=HEADS, text_heads=HEADS, dtype=torch.bfloat16)
+    images = torch.rand(2, 3, 40, 40)
+    x = images.bfloat16().requires_grad_()
+    scores = hps16(x, PROMPTS)
+    scores.sum().backward()
+    assert scores.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert rel_err(scores, hps32(images, PROMPTS)) < 0.1  # bf16 has 8 mantissa bits: a smoke test, not parity
