@@ -194,16 +194,18 @@ def load_clip_model(folder: str, device=None, dtype=None) -> CLIPModel:
 
 
 def load_clip_tokenizer(*folders: str | None) -> CLIPTokenizer:
-    """The first folder (or its `tokenizer/` sub-folder) holding a CLIP tokenizer (vocab.json + merges.txt)."""
+    """The first folder (or its `tokenizer/` sub-folder) holding a CLIP tokenizer (vocab.json + merges.txt, or
+    tokenizer.json)."""
     tried = []
     for folder in folders:
         if not folder:
             continue
         for f in (folder, os.path.join(folder, "tokenizer")):
-            if os.path.isfile(os.path.join(f, "vocab.json")) and os.path.isfile(os.path.join(f, "merges.txt")):
+            has = lambda name: os.path.isfile(os.path.join(f, name))  # noqa: E731
+            if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json"):
                 return CLIPTokenizer.from_pretrained(f)
             tried.append(f)
-    raise WeightsError(f"no CLIP tokenizer (vocab.json + merges.txt) in {tried or 'no folder given'}; pass a "
+    raise WeightsError(f"no CLIP tokenizer (vocab.json + merges.txt) in {', '.join(tried) or 'no folder'}; pass a "
                        f"tokenizer folder (any CLIP tokenizer works, e.g. the SD1.5 pipeline's tokenizer/)")
 
 
