@@ -19,6 +19,7 @@ import math  # noqa: E402
 from typing import Callable  # noqa: E402
 
 from einops import rearrange, repeat  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 # Rectified flow: x_t = (1 - t) x0 + t eps, t from 1 (noise) to 0 (data); the model predicts the velocity v = eps - x0.
 # FLUX works on 2x2-packed latents: (B, C, H, W) -> (B, L = H/2 W/2, 4C) tokens with (0, row, column) position ids.
@@ -92,17 +93,28 @@ def flow_x0_hat(x_t: torch.Tensor, t: torch.Tensor | float, v: torch.Tensor) -> 
     return x_t - t * v
 
 
-def sample_flow(model: Callable, x: torch.Tensor, ts: torch.Tensor, cond: dict, trajectory: bool = False):
-    """Euler integration of dx/dt = v from ts[0] (noise) to ts[-1] (data): x += (t_next - t) v (BFL `denoise`).
+def flow_step(x_t: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler step of dx/dt = v from t to t_next (< t): returns (x_{t_next}, x0_hat)."""
+    return x_t + (t_next - t) * v, flow_x0_hat(x_t, t, v)
 
-    Guidance-distilled (dev) and plain (schnell) sampling differ only in cond["guidance"] (see flux_cond).
-    Returns the final x, or (x, steps) with one dict per step {t, x_t, v, x0_hat} when `trajectory`.
+
+def flow_sample(model: Callable, x_T: torch.Tensor, cond: dict, steps: int = 28, shift: bool = True,
+                ts: torch.Tensor | None = None, trajectory: bool = False, progress: bool = False):
+    """Rectified-flow sampling: Euler integration of dx/dt = v from t = 1 (noise x_T) to t = 0 (BFL `denoise`).
+
+    `model(x_t, t, cond) -> v` on packed latents x_t (B, L, C) with t a float tensor (B,) in [0, 1] (see
+    flux_model_fn). The times are `flow_timesteps(steps, L, shift)` (dev: shift=True; schnell: False) unless `ts` is
+    given. Guidance-distilled (dev) and plain (schnell) sampling differ only in cond["guidance"] (see flux_cond).
+    Returns x_0, or with trajectory=True (x_0, {"t": (N,), "x_t": (N+1, B, L, C) from x_T to x_0, "x0_hat": (N, ...)}).
     """
-    steps = []
-    for t_curr, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
-        t_vec = torch.full((x.shape[0],), t_curr, dtype=x.dtype, device=x.device)
-        v = model(x, t_vec, cond)
+    ts = flow_timesteps(steps, x_T.shape[1], shift) if ts is None else ts
+    x_t, xs, x0s = x_T, [x_T], []
+    for t, t_next in tqdm(list(zip(ts[:-1].tolist(), ts[1:].tolist())), desc="Euler", disable=not progress):
+        v = model(x_t, torch.full((x_t.shape[0],), t, dtype=x_t.dtype, device=x_t.device), cond)
+        x_t, x0_hat = flow_step(x_t, v, t, t_next)
         if trajectory:
-            steps.append(dict(t=t_curr, x_t=x, v=v, x0_hat=flow_x0_hat(x, t_curr, v)))
-        x = x + (t_next - t_curr) * v
-    return (x, steps) if trajectory else x
+            xs.append(x_t)
+            x0s.append(x0_hat)
+    if trajectory:
+        return x_t, {"t": ts[:-1], "x_t": torch.stack(xs), "x0_hat": torch.stack(x0s)}
+    return x_t

@@ -6,7 +6,7 @@ from conftest import rel_err
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from sampler import flow_timesteps, flow_x0_hat, flux_mu, image_ids, pack, sample_flow, unpack
+from sampler import flow_sample, flow_timesteps, flow_x0_hat, flux_mu, image_ids, pack, unpack
 
 # scheduler/scheduler_config.json of FLUX.1-dev and FLUX.1-schnell
 DEV = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000,
@@ -47,7 +47,7 @@ def test_pack_unpack_and_ids_match_flux_pipeline():
 
 
 def test_euler_sampling_matches_scheduler_steps():
-    """sample_flow is FlowMatchEulerDiscreteScheduler.step in a loop, for any velocity field."""
+    """flow_sample is FlowMatchEulerDiscreteScheduler.step in a loop, for any velocity field."""
     def model(x, t, cond):  # a nonlinear stand-in for the transformer
         return torch.tanh(x * cond["w"]) + t[:, None, None] * x
 
@@ -59,10 +59,12 @@ def test_euler_sampling_matches_scheduler_steps():
     x = x_T
     for t in scheduler.timesteps:
         x = scheduler.step(model(x, (t / 1000).expand(2), cond), t, x).prev_sample
-    ours, steps = sample_flow(model, x_T, ts, cond, trajectory=True)
+    ours, traj = flow_sample(model, x_T, cond, steps=8, trajectory=True)
     assert rel_err(ours, x) < 1e-5
-    assert len(steps) == 8 and steps[0]["t"] == 1.0 and torch.equal(steps[0]["x_t"], x_T)
-    assert torch.equal(sample_flow(model, x_T, ts, cond), ours)
+    assert torch.equal(traj["t"], ts[:-1])
+    assert traj["x_t"].shape == (9, 2, 6, 4) and traj["x0_hat"].shape == (8, 2, 6, 4)
+    assert torch.equal(traj["x_t"][0], x_T) and torch.equal(traj["x_t"][-1], ours)
+    assert torch.equal(flow_sample(model, x_T, cond, ts=ts), ours)
 
 
 def test_one_step_prediction_is_exact_on_a_straight_path():
@@ -72,4 +74,4 @@ def test_one_step_prediction_is_exact_on_a_straight_path():
         x_t = (1 - t) * x0 + t * eps
         assert torch.allclose(flow_x0_hat(x_t, t, eps - x0), x0, atol=1e-6)
     # and Euler integration of the true (constant) velocity lands on x0 in one step
-    assert torch.allclose(sample_flow(lambda x, t, c: eps - x0, eps, torch.tensor([1.0, 0.0]), {}), x0, atol=1e-6)
+    assert torch.allclose(flow_sample(lambda x, t, c: eps - x0, eps, {}, steps=1, shift=False), x0, atol=1e-6)
