@@ -12,6 +12,158 @@ import torch
 
 
 # ------------------------------------------------------------------------------------------------- VP diffusion (SD1.5)
+# DDPM forward process (Ho et al. 2020, eq. 4): q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I), integer
+# t in [0, T). The model predicts eps (or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0, Salimans & Ho 2022).
+# Settings use diffusers' scheduler_config.json vocabulary, so a pipeline's own config drives the sampler.
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                      clip_sample=False)
+# NOTE: keys missing from a pipeline's config take DDIMScheduler's class defaults (not SD1.5's), as in diffusers.
+DDIM_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                     prediction_type="epsilon", timestep_spacing="leading", steps_offset=0, set_alpha_to_one=True,
+                     clip_sample=True, clip_sample_range=1.0, trained_betas=None, thresholding=False,
+                     rescale_betas_zero_snr=False)
+
+
+@dataclass
+class VPSchedule:
+    alpha_bar: torch.Tensor          # (T,) float32, prod_{s<=t} (1 - beta_s)
+    final_alpha_bar: torch.Tensor    # alpha_bar "before t = 0", used by the last DDIM step (1 or alpha_bar[0])
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "sample"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    clip_sample_range: float | None = None  # clamp x0_hat to [-r, r] when set
+
+    @classmethod
+    def from_config(cls, config: dict | None = None) -> "VPSchedule":
+        """From a diffusers scheduler config dict (DDIM/PNDM/... share these keys); None -> SD1.5's settings."""
+        c = {**DDIM_DEFAULTS, **{k: v for k, v in (SD15_SCHEDULER if config is None else config).items()}}
+        if c["thresholding"] or c["rescale_betas_zero_snr"]:
+            raise ValueError("unsupported scheduler config: thresholding / rescale_betas_zero_snr")
+        T = c["num_train_timesteps"]
+        if c["trained_betas"] is not None:
+            beta = torch.tensor(c["trained_betas"], dtype=torch.float32)
+        elif c["beta_schedule"] == "linear":
+            beta = torch.linspace(c["beta_start"], c["beta_end"], T, dtype=torch.float32)
+        elif c["beta_schedule"] == "scaled_linear":  # linear in sqrt(beta): the LDM / SD schedule
+            beta = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+        else:
+            raise ValueError(f"unsupported beta_schedule {c['beta_schedule']!r} (linear, scaled_linear)")
+        if c["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {c['prediction_type']!r}")
+        if c["timestep_spacing"] not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"unsupported timestep_spacing {c['timestep_spacing']!r}")
+        alpha_bar = torch.cumprod(1.0 - beta, dim=0)
+        final = torch.tensor(1.0) if c["set_alpha_to_one"] else alpha_bar[0]
+        return cls(alpha_bar, final, c["prediction_type"], c["timestep_spacing"], c["steps_offset"],
+                   c["clip_sample_range"] if c["clip_sample"] else None)
+
+    @property
+    def T(self) -> int:
+        return len(self.alpha_bar)
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The `steps` training timesteps a sampler visits, high to low (DDIM's sub-sequence tau, Song et al. sec 4.2)."""
+        T = self.T
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in [1, {T}], got {steps}")
+        if self.timestep_spacing == "leading":
+            ts = (np.arange(0, steps) * (T // steps)).round()[::-1] + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / steps)) - 1
+        else:  # linspace
+            ts = np.linspace(0, T - 1, steps).round()[::-1]
+        return torch.from_numpy(ts.astype(np.int64).copy())
+
+    def alpha_bar_at(self, t: int | torch.Tensor) -> torch.Tensor:
+        t = int(t)
+        return self.alpha_bar[t] if t >= 0 else self.final_alpha_bar
+
+
+def predict_x0(x_t: torch.Tensor, pred: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str = "epsilon"):
+    """The one-step prediction x0_hat(x_t) and the implied eps (DDIM eq. 9 / Tweedie): returns (x0_hat, eps)."""
+    a, b = alpha_bar_t ** 0.5, (1 - alpha_bar_t) ** 0.5
+    if prediction_type == "epsilon":
+        return (x_t - b * pred) / a, pred
+    if prediction_type == "v_prediction":
+        return a * x_t - b * pred, a * pred + b * x_t
+    if prediction_type == "sample":
+        return pred, (x_t - a * pred) / b
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x0) (DDPM eq. 4); alpha_bar_t broadcastable, e.g. (B, 1, 1, 1)."""
+    return alpha_bar_t ** 0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * eps
+
+
+def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str = "epsilon"):
+    """What the model should output at x_t = add_noise(x0, eps): eps, v, or x0 (denoising score matching)."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha_bar_t ** 0.5 * eps - (1 - alpha_bar_t) ** 0.5 * x0
+    return x0
+
+
+def guided(model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond, uncond=None, guidance: float = 1.0):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): uncond + g (cond - uncond).
+
+    One model call per step: with guidance > 1 the model sees the batch [x_t; x_t] with t (2B,) and context
+    [uncond; cond] (unconditional first, as diffusers batches it); otherwise x_t, t (B,), cond.
+    """
+    if guidance > 1.0 and uncond is not None:
+        pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t.repeat(2), torch.cat([uncond, cond])).chunk(2)
+        return pred_uncond + guidance * (pred_cond - pred_uncond)
+    return model(x_t, t, cond)
+
+
+def ddim_step(x_t: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, schedule: VPSchedule, eta: float = 0.0,
+              generator: torch.Generator | None = None):
+    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12 with sigma from eq. 16): returns (x_prev, x0_hat)."""
+    alpha_bar_t, alpha_bar_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
+    x0_hat, eps = predict_x0(x_t, pred, alpha_bar_t, schedule.prediction_type)
+    if schedule.clip_sample_range is not None:
+        x0_hat = x0_hat.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+    x_prev = alpha_bar_prev ** 0.5 * x0_hat + (1 - alpha_bar_prev - sigma ** 2) ** 0.5 * eps
+    if eta > 0:
+        device = generator.device if generator is not None else x_t.device
+        noise = torch.randn(x_t.shape, generator=generator, device=device, dtype=x_t.dtype).to(x_t.device)
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0_hat
+
+
+def ddim_sample(model: Callable, x_T: torch.Tensor, cond, schedule: VPSchedule, steps: int = 50, uncond=None,
+                guidance: float = 1.0, eta: float = 0.0, generator: torch.Generator | None = None,
+                trajectory: bool = False, progress: bool = False):
+    """DDIM sampling (Song et al. 2021) from x_T ~ N(0, I) over `schedule.timesteps(steps)`.
+
+    `model(x_t, t, cond) -> pred` is called once per step (see `guided` for the batching under guidance); t is an
+    int64 tensor of shape (batch,) holding the current training timestep. Returns x_0, or with trajectory=True
+    (x_0, {"t": (N,), "x_t": (N+1, B, ...) from x_T to x_0, "x0_hat": (N, B, ...)}).
+    """
+    ts = schedule.timesteps(steps).tolist()
+    step = schedule.T // steps  # NOTE: diffusers' DDIM steps back by T // N for every spacing
+    x_t, xs, x0s = x_T, [x_T], []
+    for t in tqdm(ts, desc="DDIM", disable=not progress):
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
+        pred = guided(model, x_t, t_batch, cond, uncond, guidance)
+        x_t, x0_hat = ddim_step(x_t, pred, t, t - step, schedule, eta, generator)
+        if trajectory:
+            xs.append(x_t)
+            x0s.append(x0_hat)
+    if trajectory:
+        return x_t, {"t": torch.tensor(ts), "x_t": torch.stack(xs), "x0_hat": torch.stack(x0s)}
+    return x_t
+
+
 
 
 # --------------------------------------------------------------------------------------------- rectified flow (FLUX)

@@ -121,6 +121,260 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 
 # --------------------------------------------------------------------------------------------------------------- SD1.5
+# Our U-Net and VAE carry diffusers' names. An SD1.5 single file (LDM layout) holds the U-Net under
+# `model.diffusion_model.`, the VAE under `first_stage_model.` and the CLIP text encoder under
+# `cond_stage_model.transformer.`; BFL's FLUX `ae.safetensors` is the same LDM VAE layout with no prefix.
+import re  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+
+def ldm_unet_rules(layers_per_block: int) -> list[tuple[str, object]]:
+    """LDM U-Net keys -> diffusers keys. LDM numbers its blocks flat: input_blocks.n with n = 1 + i*(L+1) + j
+    (resnet j of level i at .0, its transformer at .1, the level's downsampler at n = (i+1)*(L+1), .0.op), and
+    output_blocks.n with n = i*(L+1) + j (upsampler after the last resnet, at .1 or .2 depending on attention)."""
+    L1 = layers_per_block + 1
+
+    def down(m):
+        i, j = divmod(int(m[1]) - 1, L1)
+        return f"down_blocks.{i}.{'resnets' if m[2] == '0' else 'attentions'}.{j}."
+
+    def up(m):
+        i, j = divmod(int(m[1]), L1)
+        return f"up_blocks.{i}.{'resnets' if m[2] == '0' else 'attentions'}.{j}."
+
+    return [
+        (r"^time_embed\.0\.", "time_embedding.linear_1."),
+        (r"^time_embed\.2\.", "time_embedding.linear_2."),
+        (r"^input_blocks\.0\.0\.", "conv_in."),
+        (r"^out\.0\.", "conv_norm_out."),
+        (r"^out\.2\.", "conv_out."),
+        (r"^input_blocks\.(\d+)\.0\.op\.", lambda m: f"down_blocks.{(int(m[1]) - 1) // L1}.downsamplers.0.conv."),
+        (r"^input_blocks\.(\d+)\.([01])\.", down),
+        (r"^middle_block\.0\.", "mid_block.resnets.0."),
+        (r"^middle_block\.1\.", "mid_block.attentions.0."),
+        (r"^middle_block\.2\.", "mid_block.resnets.1."),
+        (r"^output_blocks\.(\d+)\.[12]\.conv\.", lambda m: f"up_blocks.{int(m[1]) // L1}.upsamplers.0.conv."),
+        (r"^output_blocks\.(\d+)\.([01])\.", up),
+        # inside a ResNet block
+        (r"\.in_layers\.0\.", ".norm1."), (r"\.in_layers\.2\.", ".conv1."), (r"\.emb_layers\.1\.", ".time_emb_proj."),
+        (r"\.out_layers\.0\.", ".norm2."), (r"\.out_layers\.3\.", ".conv2."), (r"\.skip_connection\.", ".conv_shortcut."),
+    ]
+
+
+def ldm_vae_rules(n_levels: int) -> list[tuple[str, object]]:
+    """LDM VAE keys -> diffusers keys (the decoder's `up.k` counts from the bottom: up_blocks.{n-1-k}); also renames
+    both old attention spellings (q/k/v/proj_out and query/key/value/proj_attn) found in LDM and old diffusers files."""
+    return [
+        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+        (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+        (r"^decoder\.up\.(\d+)\.block\.(\d+)\.", lambda m: f"decoder.up_blocks.{n_levels - 1 - int(m[1])}.resnets.{m[2]}."),
+        (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{n_levels - 1 - int(m[1])}.upsamplers.0."),
+        (r"\.mid\.block_([12])\.", lambda m: f".mid_block.resnets.{int(m[1]) - 1}."),
+        (r"\.mid\.attn_1\.", ".mid_block.attentions.0."),
+        (r"\.nin_shortcut\.", ".conv_shortcut."),
+        (r"(attentions\.0)\.norm\.", r"\1.group_norm."),
+        (r"(attentions\.0)\.(?:q|query)\.", r"\1.to_q."),
+        (r"(attentions\.0)\.(?:k|key)\.", r"\1.to_k."),
+        (r"(attentions\.0)\.(?:v|value)\.", r"\1.to_v."),
+        (r"(attentions\.0)\.(?:proj_out|proj_attn)\.", r"\1.to_out.0."),
+    ]
+
+
+def _model_file_folder(folder: str) -> dict[str, torch.Tensor]:
+    """A diffusers model folder's weights: the index (sharded) or diffusion_pytorch_model.safetensors, ignoring
+    precision variants (*.fp16.safetensors) next to it."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if os.path.isfile(os.path.join(folder, name)) and not any(
+                f.endswith(".safetensors.index.json") for f in os.listdir(folder)):
+            return read_safetensors(os.path.join(folder, name))
+    return read_safetensors(folder)
+
+
+def _sub(path: str, name: str) -> str:
+    """`path` itself, or its `name/` subfolder when `path` is a whole pipeline folder."""
+    return os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
+
+
+def load_unet(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+              config=None):
+    """SD U-Net from a diffusers folder (unet/ or a pipeline folder) or an LDM single file (`config`: a UNetConfig,
+    default the sd15 preset)."""
+    from unet import UNet, UNetConfig
+    if os.path.isdir(path):
+        path = _sub(path, "unet")
+        cfg = UNetConfig.from_diffusers(read_config(path))
+        sd = _model_file_folder(path)
+    else:
+        cfg = config or UNetConfig.preset("sd15")
+        full = read_safetensors(path)
+        sd = strip_prefix(full, "model.diffusion_model.")
+        if not sd:
+            raise WeightsError(f"{path}: not an SD checkpoint: no U-Net keys (model.diffusion_model.*) among "
+                               f"{_listing(sorted(full))}")
+        sd = rename(sd, ldm_unet_rules(cfg.layers_per_block))
+    return build_and_load(lambda: UNet(cfg), sd, f"U-Net {path}", dtype, device)
+
+
+def _squeeze_attention(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM VAE attention projections are 1x1 convs (C, C, 1, 1); ours are Linear (C, C)."""
+    pattern = re.compile(r"attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+    return {k: (v[:, :, 0, 0] if pattern.search(k) and v.ndim == 4 else v) for k, v in sd.items()}
+
+
+def vae_config_from_keys(sd: Mapping[str, torch.Tensor], norm_num_groups: int = 32):
+    """VAEConfig read off LDM-layout VAE keys. The layout follows from the keys: quant convs -> SD (0.18215), none ->
+    FLUX (0.3611, shift 0.1159). NOTE: GroupNorm group counts are not visible in the weights; 32 as in SD and FLUX."""
+    from vae import VAEConfig
+    try:
+        n = 1 + max(int(m[1]) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+        channels = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n))
+        layers = 1 + max(int(m[1]) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+        latent = sd["decoder.conv_in.weight"].shape[1]
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"not an LDM-layout VAE (missing {e})") from None
+    quant = "quant_conv.weight" in sd
+    layout = dict(scaling_factor=0.18215, shift_factor=0.0) if quant else \
+        dict(scaling_factor=0.3611, shift_factor=0.1159)
+    return VAEConfig(latent_channels=latent, block_out_channels=channels, layers_per_block=layers,
+                     norm_num_groups=norm_num_groups, quant_conv=quant, **layout)
+
+
+def load_vae(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None, config=None):
+    """AutoencoderKL from a diffusers folder (vae/ or a pipeline folder; SD or FLUX), an SD1.5 single file
+    (`first_stage_model.*`), or BFL's FLUX `ae.safetensors` (LDM keys, no prefix). `config` overrides the VAEConfig
+    read off a single file's keys."""
+    from vae import AutoencoderKL, VAEConfig
+    if os.path.isdir(path):
+        path = _sub(path, "vae")
+        cfg = VAEConfig.from_diffusers(read_config(path))
+        sd = _model_file_folder(path)
+    else:
+        full = read_safetensors(path)
+        sd = strip_prefix(full, "first_stage_model.") or full
+        if not any(k.startswith(("encoder.", "decoder.")) for k in sd):
+            raise WeightsError(f"{path}: not a VAE checkpoint: no encoder./decoder. keys (or first_stage_model.*) "
+                               f"among {_listing(sorted(full))}")
+        if not any(".down_blocks." in k for k in sd):  # LDM layout: read the config off the keys
+            cfg = config or vae_config_from_keys(sd)
+        elif config is None:
+            raise WeightsError(f"{path}: a diffusers-layout VAE file needs its config (pass a VAEConfig)")
+        else:
+            cfg = config
+    sd = _squeeze_attention(rename(sd, ldm_vae_rules(len(cfg.block_out_channels))))
+    return build_and_load(lambda: AutoencoderKL(cfg), sd, f"VAE {path}", dtype, device)
+
+
+def clip_text_config_from_keys(sd: Mapping[str, torch.Tensor]):
+    """CLIPTextConfig read off a text encoder's keys. NOTE: heads are not visible in the weights; head dim 64, as in
+    CLIP ViT-L/14 (SD1.5) and OpenCLIP ViT-H/14."""
+    from transformers import CLIPTextConfig
+    try:
+        vocab, hidden = sd["text_model.embeddings.token_embedding.weight"].shape
+        positions = sd["text_model.embeddings.position_embedding.weight"].shape[0]
+        intermediate = sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise WeightsError(f"not a CLIP text encoder (missing {e})") from None
+    layers = 1 + max(int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
+    return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                          max_position_embeddings=positions, hidden_act="quick_gelu", projection_dim=hidden)
+
+
+def load_text_encoder(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """transformers CLIPTextModel from a folder (text_encoder/ or a pipeline folder: config.json + model.safetensors)
+    or an SD1.5 single file (`cond_stage_model.transformer.*`, config read off the keys)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    if os.path.isdir(path):
+        path = _sub(path, "text_encoder")
+        config = CLIPTextConfig.from_pretrained(path)
+        sd = _model_file_folder(path)
+    else:
+        full = read_safetensors(path)
+        sd = strip_prefix(full, "cond_stage_model.transformer.")
+        if not sd:
+            raise WeightsError(f"{path}: not an SD checkpoint: no text encoder keys (cond_stage_model.transformer.*)")
+        sd = rename(sd, [(r"^(?!text_model\.)", "text_model.")])  # some old files lack the text_model. level
+        config = clip_text_config_from_keys(sd)
+    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a constant, stored by old transformers
+    return _build_clip(CLIPTextModel, config, sd, f"text encoder {path}", dtype, device)
+
+
+def _build_clip(cls, config, sd, what, dtype, device):
+    """build_and_load for transformers models, whose `position_ids` buffer is a non-persistent constant."""
+    with torch.device("meta"):
+        model = cls(config)
+    check_state_dict(model, sd, what)
+    dtype = dtype or torch.float32
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name.endswith("position_ids"):
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            owner.position_ids = torch.arange(buf.shape[-1], device=device).expand(1, -1)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not left, f"{what}: tensors left on meta after loading: {left[:5]}"
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(path: str):
+    """CLIPTokenizer from a tokenizer folder (vocab.json + merges.txt) or a pipeline folder's tokenizer/."""
+    from transformers import CLIPTokenizer
+    path = _sub(path, "tokenizer")
+    if not (os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt"))):
+        raise WeightsError(f"{path}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
+    return CLIPTokenizer.from_pretrained(path)
+
+
+@_dataclass
+class SDPipeline:
+    """A whole SD1.x model: U-Net, VAE, CLIP text encoder + tokenizer, and the scheduler settings (a dict in
+    diffusers' scheduler_config.json vocabulary; see sampler.VPSchedule.from_config)."""
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler: dict
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> context (B, 77, D): CLIP's last hidden state, prompts padded to 77 tokens; longer ones are
+        truncated with a warning (as diffusers does)."""
+        max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        for p, n in zip(prompts, (len(i) for i in self.tokenizer(prompts).input_ids)):
+            if n > max_length:
+                warnings.warn(f"prompt truncated to {max_length} tokens (it has {n}): {p[:60]!r}...", stacklevel=2)
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(ids.to(device))[0]  # (B, 77, D)
+
+
+def load_sd(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+            tokenizer: str | None = None, config=None) -> SDPipeline:
+    """A whole SD1.x pipeline: a diffusers folder (model_index.json with unet/ vae/ text_encoder/ tokenizer/
+    scheduler/) or an LDM single file plus a `tokenizer` folder (`config`: its UNetConfig, default sd15)."""
+    from sampler import SD15_SCHEDULER
+    if not os.path.exists(path):
+        raise WeightsError(f"no such file or folder: {path}")
+    if os.path.isdir(path):
+        index = read_config(path, "model_index.json")
+        subs = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(path, s))]
+        if subs:
+            raise WeightsError(f"{path} is not a diffusers SD folder ({index.get('_class_name')}): no {subs}")
+        sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
+        scheduler = read_config(os.path.dirname(sched_file), "scheduler_config.json") if os.path.isfile(sched_file) \
+            else dict(SD15_SCHEDULER)
+        return SDPipeline(load_unet(os.path.join(path, "unet"), dtype, device),
+                          load_vae(os.path.join(path, "vae"), dtype, device),
+                          load_text_encoder(os.path.join(path, "text_encoder"), dtype, device),
+                          load_tokenizer(os.path.join(path, "tokenizer")), scheduler)
+    if tokenizer is None:
+        raise WeightsError(f"{path}: a single-file checkpoint needs a CLIP tokenizer folder (vocab.json, merges.txt)")
+    return SDPipeline(load_unet(path, dtype, device, config), load_vae(path, dtype, device),
+                      load_text_encoder(path, dtype, device), load_tokenizer(tokenizer), dict(SD15_SCHEDULER))
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------------- FLUX
