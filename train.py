@@ -1,0 +1,440 @@
+"""Train a HyperAlign hypernetwork: `python train.py --variant I` (S, P) runs on the toy SD model out of the box.
+
+Each step, for a batch of prompts (paper sec. 3.3, L = L_R + λ L_G):
+  1. roll out trajectories without gradient with the *current* hypernetwork (variant S / I / P);
+  2. per sample, pick a step k of its trajectory; the hypernetwork makes Δθ from the state its variant would use
+     (S: x_k; I: x_T; P: the state at the start of k's segment); one modulated model step at x_k gives x0_hat, which
+     is decoded and scored: L_R = -r(D(x0_hat));
+  3. L_G: a preferred image from the preference data, noised to a random t, denoised by the modulated model;
+  4. AdamW on the hypernetwork only. The frozen generator, VAE, text encoder and reward get no gradients.
+
+Writes DIR/hypernet.safetensors + DIR/config.json (enough to rebuild; sample.py --hyper DIR), DIR/optim.pt (resume),
+DIR/metrics.jsonl during training, and at the end DIR/metrics.json (reward and toy judge, base vs aligned, held-out
+prompts, fixed seeds) and DIR/samples.png (top row base, bottom row aligned).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import hyperalign as ha_mod
+import sampler
+from hyperalign import Backbone, HyperAlign, HyperConfig
+
+TOY = ("toy-sd", "toy-flux")
+
+
+# -------------------------------------------------------------------------------------------------------- pipeline
+
+@dataclass
+class Pipe:
+    """The frozen pipeline around the backbone: prompts -> conditioning, sampling loop, latents <-> images."""
+    backbone: Backbone
+    vae: torch.nn.Module
+    text: Callable                       # vp: prompts -> context (B, S, E); flow: prompts -> (txt, y)
+    resolution: int
+    steps: int
+    guidance: float                      # vp: CFG scale; flow: distilled guidance (dev) or unused (schnell)
+    shift: bool = True                   # flow: shifted schedule
+
+    @property
+    def kind(self) -> str:
+        return self.backbone.kind
+
+    def latent_hw(self) -> tuple[int, int]:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.resolution // f, self.resolution // f
+
+    def conds(self, prompts: list[str]):
+        """(cond, uncond) for a batch of prompts; uncond None when there is no classifier-free guidance."""
+        if self.kind == "vp":
+            ctx = self.text(prompts)
+            return ctx, (self.text([""] * len(prompts)) if self.guidance > 1 else None)
+        txt, y = self.text(prompts)
+        h, w = self.latent_hw()
+        g = self.guidance if self.backbone.model.config.guidance_embed else None
+        return sampler.flux_cond(txt, y, sampler.image_ids(len(prompts), h, w, txt.device), g), None
+
+    def noise(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        h, w = self.latent_hw()
+        z = torch.randn(n, self.vae.config.latent_channels, h, w, generator=generator).to(device)
+        return z if self.kind == "vp" else sampler.pack(z)
+
+    def timesteps(self) -> list:
+        if self.kind == "vp":
+            return sampler.VPSchedule.timesteps(self.backbone.schedule, self.steps).tolist()
+        h, w = self.latent_hw()
+        return sampler.flow_timesteps(self.steps, h * w // 4, self.shift)[:-1].tolist()
+
+    def t_batch(self, t, n: int, device) -> torch.Tensor:
+        return torch.full((n,), t, device=device, dtype=torch.int64 if self.kind == "vp" else torch.float32)
+
+    @torch.no_grad()
+    def rollout(self, model: Callable, x_T: torch.Tensor, cond, uncond) -> dict:
+        """-> {"t": [N], "x_t": (N+1, B, ...) from x_T to x_0, "x0_hat": (N, B, ...)}."""
+        if self.kind == "vp":
+            _, traj = sampler.ddim_sample(model, x_T, cond, self.backbone.schedule, self.steps, uncond=uncond,
+                                          guidance=self.guidance, trajectory=True)
+            return dict(t=traj["t"].tolist(), x_t=traj["x_t"], x0_hat=traj["x0_hat"])
+        h, w = self.latent_hw()
+        x0, steps = sampler.sample_flow(model, x_T, sampler.flow_timesteps(self.steps, h * w // 4, self.shift),
+                                        cond, trajectory=True)
+        return dict(t=[s["t"] for s in steps], x_t=torch.stack([s["x_t"] for s in steps] + [x0]),
+                    x0_hat=torch.stack([s["x0_hat"] for s in steps]))
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space clean sample -> images (B, 3, H, W) in [0, 1] (differentiable)."""
+        if self.kind == "flow":
+            x0 = sampler.unpack(x0, *self.latent_hw())
+        dtype = next(self.vae.parameters()).dtype
+        return (self.vae.decode(x0.to(dtype)).float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> model-space x0."""
+        z = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).float()
+        return z if self.kind == "vp" else sampler.pack(z)
+
+
+def load_pipe(model: str, device, dtype, resolution: int | None, steps: int | None, guidance: float | None) -> Pipe:
+    """--model: 'toy-sd', 'toy-flux', or a path to an SD1.x pipeline (folder / single file) or a FLUX folder."""
+    import weights
+    if model in TOY:
+        import toy
+        model = toy.SD_DIR if model == "toy-sd" else toy.FLUX_DIR
+        resolution = resolution or toy.SIZE
+    if os.path.isdir(model) and os.path.isdir(os.path.join(model, "transformer")):
+        fp = weights.load_flux_pipeline(model, dtype=dtype, device=device)
+        fp.transformer.requires_grad_(False)
+        return Pipe(Backbone("flow", fp.transformer), fp.vae, fp.encode, resolution or 1024, steps or 28,
+                    3.5 if guidance is None else guidance, fp.shift)
+    sd = weights.load_sd(model, dtype=dtype, device=device)
+    return Pipe(Backbone("vp", sd.unet, sampler.VPSchedule.from_config(sd.scheduler)), sd.vae, sd.encode_prompt,
+                resolution or 512, steps or 50, 7.5 if guidance is None else guidance)
+
+
+# ------------------------------------------------------------------------------------------------------ data, eval
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """All randomness of training step `step` comes from here: a resumed run replays it exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def pref_stream(reader, batch_size: int, resolution: int, skip_batches: int) -> Iterator[dict]:
+    """Endless batches of preferred images (epoch after epoch), the first `skip_batches` skipped (resume)."""
+    import prefs
+    def epochs():
+        while True:
+            yield from prefs.pref_batches(iter(reader), batch_size, resolution, drop_last=True)
+    return itertools.islice(epochs(), skip_batches, None)
+
+
+@torch.no_grad()
+def evaluate(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], seed: int, judge=None, batch: int = 16) -> dict:
+    """Reward (and the toy judge) of base and aligned samples from the same x_T: held-out prompts, fixed seeds."""
+    device = ha.hypernet.proj.weight.device
+    out = {"base": [], "aligned": []}
+    for i in range(0, len(prompts), batch):
+        p = prompts[i:i + batch]
+        cond, uncond = pipe.conds(p)
+        x_T = pipe.noise(len(p), torch.Generator().manual_seed(seed + i), device)
+        base = pipe.rollout(lambda x, t, c: ha.predict(None, x, t, c), x_T, cond, uncond)["x_t"][-1]
+        aligned = pipe.rollout(ha.sampler_model(cond), x_T, cond, uncond)["x_t"][-1]
+        out["base"].append(pipe.decode(base))
+        out["aligned"].append(pipe.decode(aligned))
+    images = {k: torch.cat(v).float().cpu() for k, v in out.items()}
+    m = {f"reward_{k}": reward(v.to(device), prompts).mean().item() for k, v in images.items()}
+    if judge is not None:
+        for k, v in images.items():
+            m[f"judge_{k}"] = judge(v, prompts)["overall"].mean().item()
+    return m, images
+
+
+def save_grid(images: dict, path: str, n: int = 8) -> None:
+    from PIL import Image
+    rows = torch.cat([images["base"][:n], images["aligned"][:n]])                  # (2n, 3, H, W)
+    grid = rearrange(rows, "(r c) C H W -> (r H) (c W) C", r=2)
+    Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy()).save(path)
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: str, ha: HyperAlign, opt, step: int, run: dict) -> None:
+    """hypernet.safetensors + optim.pt + config.json, each written atomically; the step is in all three."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in ha.hypernet.state_dict().items()}
+    atomic_write(os.path.join(out, "hypernet.safetensors"), lambda p: save_file(sd, p, metadata={"step": str(step)}))
+    atomic_write(os.path.join(out, "optim.pt"), lambda p: torch.save({"step": step, "optim": opt.state_dict()}, p))
+    cfg = {"hyper": ha.cfg.to_dict(), "step": step, "run": run}
+    atomic_write(os.path.join(out, "config.json"), lambda p: open(p, "w").write(json.dumps(cfg, indent=2)))
+
+
+def load_hyperalign(out: str, backbone: Backbone, device=None) -> tuple[HyperAlign, dict]:
+    """Rebuild a trained HyperAlign from DIR (config.json + hypernet.safetensors) on a frozen backbone."""
+    path = os.path.join(out, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config.json in {out}: not a HyperAlign checkpoint folder")
+    with open(path) as f:
+        cfg = json.load(f)
+    ha = HyperAlign(HyperConfig(**cfg["hyper"]), backbone)
+    sd = load_file(os.path.join(out, "hypernet.safetensors"))
+    ha.hypernet.load_state_dict(sd, strict=True)
+    return ha.to(device) if device is not None else ha, cfg
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+
+def start_step(variant: str, k: int, key_steps: list[int]) -> int:
+    """The trajectory step whose state made the LoRA used at step k: S k, I 0, P the start of k's segment."""
+    return {"S": k, "I": 0}.get(variant, max([s for s in key_steps if s <= k], default=0))
+
+
+def calibrate(ha: HyperAlign, pipe: Pipe, prompts: list[str], k: int, seed: int) -> list[int]:
+    """P: key steps from base trajectories over calibration prompts (fixed seed); stored in the config as times."""
+    device = ha.hypernet.proj.weight.device
+    cond, uncond = pipe.conds(prompts)
+    x_T = pipe.noise(len(prompts), torch.Generator().manual_seed(seed), device)
+    traj = pipe.rollout(lambda x, t, c: ha.predict(None, x, t, c), x_T, cond, uncond)
+    steps = ha_mod.key_steps(traj["x0_hat"], k)
+    ts = pipe.timesteps()
+    ha.cfg.key_times = tuple(float(ts[i]) for i in steps)
+    return steps
+
+
+def train_step(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], pref: dict | None, lam: float,
+               gen: torch.Generator, key_steps: list[int]) -> dict:
+    """One accumulated step over the batch; gradients land in ha.hypernet only. Returns logged scalars."""
+    device = ha.hypernet.proj.weight.device
+    B, variant, bb = len(prompts), ha.cfg.variant, ha.backbone
+    cond, uncond = pipe.conds(prompts)
+    x_T = pipe.noise(B, gen, device)
+    traj = pipe.rollout(ha.sampler_model(cond), x_T, cond, uncond)                     # 1. no gradient
+    ks = torch.randint(0, pipe.steps, (B,), generator=gen).tolist()
+    ts = traj["t"]
+    if pref is not None:
+        x0 = pipe.encode(pref["chosen"].to(device))
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        kg = torch.randint(0, pipe.steps, (B,), generator=gen).tolist()
+        pcond, _ = pipe.conds(pref["prompts"])
+    log = {"loss_r": 0.0, "loss_g": 0.0, "reward": 0.0}
+    for i in range(B):
+        row = slice(i, i + 1)
+        c_i = ha_mod.cond_rows(cond, row)
+        u_i = None if uncond is None else uncond[row]
+        k, s = ks[i], start_step(variant, ks[i], key_steps)
+        t_k, t_s = pipe.t_batch(ts[k], 1, device), pipe.t_batch(ts[s], 1, device)
+        factors = ha.factors(traj["x_t"][s][row], t_s, c_i)                         # 2. with gradient
+        with ha.substituted(factors):
+            loss_r, r = ha_mod.reward_loss(ha, None, traj["x_t"][k][row], t_k, c_i, u_i, pipe.guidance,
+                                           pipe.decode, reward, prompts[row])
+            if not torch.isfinite(loss_r):
+                raise FloatingPointError(f"reward loss is {loss_r.item()}")
+            (loss_r / B).backward()
+        log["loss_r"] += loss_r.item() / B
+        log["reward"] += r.mean().item() / B
+        if pref is None or lam == 0:
+            continue
+        # 3. L_G at a random trajectory time; the LoRA comes from the noised state its variant would use
+        k, s = kg[i], start_step(variant, kg[i], key_steps)
+        t_k, t_s = pipe.t_batch(ts[k], 1, device), pipe.t_batch(ts[s], 1, device)
+        pc_i = ha_mod.cond_rows(pcond, row)
+        factors = ha.factors(bb.noised(x0[row], eps[row], t_s), t_s, pc_i)
+        with ha.substituted(factors):
+            loss_g = ha_mod.regularisation_loss(ha, None, x0[row], eps[row], t_k, pc_i)
+            if not torch.isfinite(loss_g):
+                raise FloatingPointError(f"regularisation loss is {loss_g.item()}")
+            (lam * loss_g / B).backward()
+        log["loss_g"] += loss_g.item() / B
+    log["loss"] = log["loss_r"] + lam * log["loss_g"]
+    return log
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--variant", default="I", choices=ha_mod.VARIANTS, help="S every step, I once, P at key steps")
+    p.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or a path to SD1.5 / FLUX weights")
+    p.add_argument("--preset", default=None, help="hypernetwork size preset (default: by model: toy-sd, toy-flux, "
+                   f"sd15, flux-dev); one of {sorted(ha_mod.PRESETS)}")
+    p.add_argument("--reward", default=None, help="reward spec 'name[:path][=w],...' (toy default: toy-pref)")
+    p.add_argument("--reward-tokenizer", default=None, help="CLIP tokenizer folder for rewards without one (HPS)")
+    p.add_argument("--prefs", default=None, help="preference data for L_G (toy default: the toy prefs.parquet)")
+    p.add_argument("--lambda-reg", type=float, default=1.0, help="λ, weight of L_G (0: reward only)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (toy default 150, real 2000)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (toy 1e-3, real 1e-4)")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank R (default: the preset's)")
+    p.add_argument("--key-steps", type=int, default=3, help="P: number of curvature key steps K (plus step 0)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20, SD 50, FLUX 28)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD 7.5) / distilled guidance (FLUX 3.5)")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--prompts", default=None, help="training prompts, one per line (toy: the world's train split)")
+    p.add_argument("--eval-prompts", default=None, help="held-out prompts, one per line (toy: held-out split)")
+    p.add_argument("--n-eval", type=int, default=32, help="held-out prompts evaluated at the end")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/hyperalign", help="output folder DIR")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in DIR")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the frozen models (the hypernetwork trains in float32)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the frozen model")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    args = p.parse_args(argv)
+    toy = args.model in TOY
+    for name in ("steps", "batch_size", "n_eval", "save_every", "key_steps", "sample_steps", "rank", "resolution"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("steps", "n_eval") else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.lambda_reg < 0 or (args.lr is not None and not args.lr > 0):
+        p.error("--lambda-reg must be >= 0 and --lr > 0")
+    if not toy and (args.reward is None or args.prompts is None):
+        p.error("a real model needs --reward and --prompts (and --prefs unless --lambda-reg 0)")
+    args.steps = args.steps if args.steps is not None else (150 if toy else 2000)
+    args.lr = args.lr or (1e-3 if toy else 1e-4)
+    args.sample_steps = args.sample_steps or (20 if toy else None)
+    return args
+
+
+def read_lines(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise ValueError(f"no such prompt file: {path}")
+    with open(path) as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no prompts")
+    return lines
+
+
+def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_reader=None,
+        prompts: list[str] | None = None, eval_prompts: list[str] | None = None, judge=None) -> dict:
+    """Train per `args`; the objects may be passed in (tests build tiny random ones), else they are loaded."""
+    torch.manual_seed(args.seed)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    toy = args.model in TOY and pipe is None          # tests pass their own tiny pipe: no toy world then
+    if pipe is None:
+        pipe = load_pipe(args.model, device, dtype, args.resolution, args.sample_steps, args.guidance)
+    if toy:
+        import toy as toy_world
+        prompts = prompts or toy_world.prompts("train")
+        eval_prompts = eval_prompts or toy_world.eval_prompts("heldout", args.n_eval)
+        judge = judge or toy_world.judge
+    prompts = prompts or read_lines(args.prompts)
+    eval_prompts = (eval_prompts or (read_lines(args.eval_prompts) if args.eval_prompts else prompts))[:args.n_eval]
+    if reward is None:
+        import rewards
+        reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer,
+                                           device=device)
+    if prefs_reader is None and args.lambda_reg > 0:
+        import prefs
+        prefs_reader = prefs.open_prefs(args.prefs or __import__("toy").PREFS_PATH)
+    pipe.backbone.model.gradient_checkpointing = args.grad_ckpt
+    if args.grad_ckpt:
+        pipe.backbone.model.train()  # the U-Net checkpoints only in training mode (no dropout or batch norm in it)
+
+    os.makedirs(args.out, exist_ok=True)
+    preset = args.preset or ("toy-flux" if pipe.kind == "flow" and toy else "toy-sd" if toy else
+                             "flux-dev" if pipe.kind == "flow" else "sd15")
+    over = {"variant": args.variant, **({"rank": args.rank, "alpha": float(args.rank)} if args.rank else {})}
+    cfg = HyperConfig.preset(preset, **over)
+    if cfg.backbone != pipe.kind:
+        raise ValueError(f"preset {preset!r} is for a {cfg.backbone!r} model, --model is {pipe.kind!r}")
+    ha = HyperAlign(cfg, pipe.backbone).to(device)
+    opt = torch.optim.AdamW(ha.hypernet.parameters(), lr=args.lr, weight_decay=0.0)
+    run_info = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+    step, key = 0, []
+    if args.resume:
+        state, saved = _resume(args.out, ha, opt)
+        step, key = saved["step"], saved["run"].get("key_steps", [])
+        print(f"resumed from {args.out} at step {step}")
+    elif cfg.variant == "P":
+        key = calibrate(ha, pipe, prompts[:16], args.key_steps, args.seed)
+        print(f"P: key steps {key} (times {list(ha.cfg.key_times)})")
+    run_info["key_steps"] = key
+    if step == 0:
+        save_checkpoint(args.out, ha, opt, 0, run_info)
+
+    pref_iter = (pref_stream(prefs_reader, args.batch_size, pipe.resolution, step)
+                 if prefs_reader is not None and args.lambda_reg > 0 else None)
+    log_path = os.path.join(args.out, "metrics.jsonl")
+    if not args.resume and os.path.exists(log_path):
+        os.remove(log_path)
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"HyperAlign-{cfg.variant}")
+    for step in bar:
+        gen = step_generator(args.seed, step)
+        batch = [prompts[i] for i in torch.randint(0, len(prompts), (args.batch_size,), generator=gen).tolist()]
+        opt.zero_grad(set_to_none=True)
+        t0 = time.time()
+        try:
+            log = train_step(ha, pipe, reward, batch, next(pref_iter) if pref_iter else None, args.lambda_reg,
+                             gen, key)
+        except FloatingPointError as e:
+            raise SystemExit(f"error: non-finite loss at step {step + 1} ({e}); stopped, the last good checkpoint "
+                             f"is kept in {args.out}") from None
+        torch.nn.utils.clip_grad_norm_(ha.hypernet.parameters(), 1.0)
+        opt.step()
+        log.update(step=step + 1, sec=round(time.time() - t0, 3))
+        with open(log_path, "a") as f:
+            f.write(json.dumps(log) + "\n")
+        bar.set_postfix(loss=f"{log['loss']:.4f}", reward=f"{log['reward']:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            save_checkpoint(args.out, ha, opt, step + 1, run_info)
+
+    metrics = {"variant": cfg.variant, "steps": args.steps, "key_steps": key,
+               "trainable_params": sum(p.numel() for p in ha.hypernet.parameters())}
+    if not args.no_eval:
+        m, images = evaluate(ha, pipe, reward, eval_prompts, seed=10_000 + args.seed, judge=judge)
+        metrics.update(m)
+        save_grid(images, os.path.join(args.out, "samples.png"))
+        atomic_write(os.path.join(args.out, "metrics.json"),
+                     lambda p: open(p, "w").write(json.dumps(metrics, indent=2)))
+        print(json.dumps(metrics))
+    return metrics
+
+
+def _resume(out: str, ha: HyperAlign, opt) -> tuple[dict, dict]:
+    paths = [os.path.join(out, f) for f in ("config.json", "hypernet.safetensors", "optim.pt")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"--resume: no checkpoint in {out} (missing {missing})")
+    with open(paths[0]) as f:
+        saved = json.load(f)
+    state = torch.load(paths[2], weights_only=True)
+    sd = load_file(paths[1])
+    if state["step"] != saved["step"]:
+        raise ValueError(f"--resume: checkpoint files in {out} disagree (steps {saved['step']} vs {state['step']})")
+    ha.cfg.key_times = tuple(saved["hyper"]["key_times"])
+    ha.hypernet.load_state_dict(sd, strict=True)
+    opt.load_state_dict(state["optim"])
+    return state, saved
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:  # bad user input: paths, specs, checkpoints (WeightsError, PrefsError are ValueErrors)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
