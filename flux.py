@@ -69,10 +69,12 @@ class FluxConfig:
         def count(prefix: str) -> int:
             return len({int(k.split(".")[1]) for k in sd if k.startswith(prefix)})
 
-        for k in ("img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "final_layer.linear.weight"):
+        def shape(k: str) -> torch.Size:
             if k not in sd:
                 raise ValueError(f"not a FLUX (BFL layout) checkpoint: key {k!r} is missing")
-        W, C = sd["img_in.weight"].shape
+            return sd[k].shape
+
+        W, C = shape("img_in.weight")
         norm = next((v for k, v in sd.items() if k.endswith("query_norm.scale")), None)
         if norm is None:
             raise ValueError("not a FLUX (BFL layout) checkpoint: no attention query_norm.scale keys")
@@ -81,15 +83,16 @@ class FluxConfig:
             if D != 128:
                 raise ValueError(f"head dim {D} is not FLUX.1's 128: pass axes_dim (RoPE dims per axis) explicitly")
             axes_dim = (16, 56, 56)
-        mlp = next((v for k, v in sd.items() if k.endswith("img_mlp.0.weight")), None)
-        linear1 = next((v for k, v in sd.items() if k.endswith("linear1.weight")), None)
-        mlp_hidden = mlp.shape[0] if mlp is not None else (linear1.shape[0] - 3 * W if linear1 is not None else 4 * W)
+        depth, depth_single = count("double_blocks."), count("single_blocks.")
+        if depth:
+            mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
+        else:
+            mlp_hidden = shape("single_blocks.0.linear1.weight")[0] - 3 * W if depth_single else 4 * W
         return cls(
-            in_channels=C, out_channels=sd["final_layer.linear.weight"].shape[0],
-            vec_in_dim=sd["vector_in.in_layer.weight"].shape[1], context_in_dim=sd["txt_in.weight"].shape[1],
-            hidden_size=W, mlp_ratio=mlp_hidden / W, num_heads=W // D,
-            depth=count("double_blocks."), depth_single_blocks=count("single_blocks."), axes_dim=tuple(axes_dim),
-            qkv_bias=any(k.endswith("qkv.bias") for k in sd) or linear1 is not None,
+            in_channels=C, out_channels=shape("final_layer.linear.weight")[0],
+            vec_in_dim=shape("vector_in.in_layer.weight")[1], context_in_dim=shape("txt_in.weight")[1],
+            hidden_size=W, mlp_ratio=mlp_hidden / W, num_heads=W // D, depth=depth, depth_single_blocks=depth_single,
+            axes_dim=tuple(axes_dim), qkv_bias="double_blocks.0.img_attn.qkv.bias" in sd or not depth,
             guidance_embed="guidance_in.in_layer.weight" in sd,
         )
 
