@@ -87,12 +87,9 @@ class Pipe:
         if self.kind == "vp":
             _, traj = sampler.ddim_sample(model, x_T, cond, self.backbone.schedule, self.steps, uncond=uncond,
                                           guidance=self.guidance, trajectory=True)
-            return dict(t=traj["t"].tolist(), x_t=traj["x_t"], x0_hat=traj["x0_hat"])
-        h, w = self.latent_hw()
-        x0, steps = sampler.sample_flow(model, x_T, sampler.flow_timesteps(self.steps, h * w // 4, self.shift),
-                                        cond, trajectory=True)
-        return dict(t=[s["t"] for s in steps], x_t=torch.stack([s["x_t"] for s in steps] + [x0]),
-                    x0_hat=torch.stack([s["x0_hat"] for s in steps]))
+        else:
+            _, traj = sampler.flow_sample(model, x_T, cond, self.steps, self.shift, trajectory=True)
+        return dict(traj, t=traj["t"].tolist())
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model-space clean sample -> images (B, 3, H, W) in [0, 1] (differentiable)."""
@@ -375,8 +372,10 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     pref_iter = (pref_stream(prefs_reader, args.batch_size, pipe.resolution, step)
                  if prefs_reader is not None and args.lambda_reg > 0 else None)
     log_path = os.path.join(args.out, "metrics.jsonl")
-    if not args.resume and os.path.exists(log_path):
-        os.remove(log_path)
+    if os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops lines after its checkpoint
+        with open(log_path) as f:
+            kept = [ln for ln in f if args.resume and json.loads(ln)["step"] <= step]
+        atomic_write(log_path, lambda p: open(p, "w").write("".join(kept)))
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"HyperAlign-{cfg.variant}")
     for step in bar:
         gen = step_generator(args.seed, step)
