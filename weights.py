@@ -279,7 +279,8 @@ def clip_text_config_from_keys(sd: Mapping[str, torch.Tensor]):
     layers = 1 + max(int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
     return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                           num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                          max_position_embeddings=positions, hidden_act="quick_gelu", projection_dim=hidden)
+                          max_position_embeddings=positions, hidden_act="quick_gelu", projection_dim=hidden,
+                          bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # CLIP's vocabulary ends with these two
 
 
 def load_text_encoder(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
@@ -295,8 +296,7 @@ def load_text_encoder(path: str, dtype: torch.dtype | None = None, device: str |
         sd = strip_prefix(full, "cond_stage_model.transformer.")
         if not sd:
             raise WeightsError(f"{path}: not an SD checkpoint: no text encoder keys (cond_stage_model.transformer.*)")
-        sd = rename(sd, [(r"^(?!text_model\.)", "text_model.")])  # some old files lack the text_model. level
-        config = clip_text_config_from_keys(sd)
+        config = clip_text_config_from_keys(rename(sd, [(r"^(?!text_model\.)", "text_model.")]))
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a constant, stored by old transformers
     return _build_clip(CLIPTextModel, config, sd, f"text encoder {path}", dtype, device)
 
@@ -305,6 +305,9 @@ def _build_clip(cls, config, sd, what, dtype, device):
     """build_and_load for transformers models, whose `position_ids` buffer is a non-persistent constant."""
     with torch.device("meta"):
         model = cls(config)
+    # NOTE: files say `text_model.embeddings...`; transformers 5 names the same tensors without `text_model.`
+    prefixed = any(k.startswith("text_model.") for k in model.state_dict())
+    sd = rename(sd, [(r"^(?!text_model\.)", "text_model.")] if prefixed else [(r"^text_model\.", "")])
     check_state_dict(model, sd, what)
     dtype = dtype or torch.float32
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
