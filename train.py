@@ -293,11 +293,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen models (the hypernetwork trains in float32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the frozen model")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     args = p.parse_args(argv)
     toy = args.model in TOY
-    for name in ("steps", "batch_size", "n_eval", "save_every", "key_steps", "sample_steps", "rank", "resolution"):
+    for name in ("steps", "batch_size", "n_eval", "save_every", "key_steps", "sample_steps", "rank", "resolution",
+                 "threads"):
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("steps", "n_eval") else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -325,6 +327,8 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
         prompts: list[str] | None = None, eval_prompts: list[str] | None = None, judge=None) -> dict:
     """Train per `args`; the objects may be passed in (tests build tiny random ones), else they are loaded."""
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     toy = args.model in TOY and pipe is None          # tests pass their own tiny pipe: no toy world then
     if pipe is None:
@@ -420,6 +424,10 @@ def _resume(out: str, ha: HyperAlign, opt) -> tuple[dict, dict]:
     sd = load_file(paths[1])
     if state["step"] != saved["step"]:
         raise ValueError(f"--resume: checkpoint files in {out} disagree (steps {saved['step']} vs {state['step']})")
+    mine, theirs = ha.cfg.to_dict(), dict(saved["hyper"])
+    mine.pop("key_times"), theirs.pop("key_times", None)
+    if {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items()} != theirs:
+        raise ValueError(f"--resume: the checkpoint in {out} has a different hypernetwork config {theirs}")
     ha.cfg.key_times = tuple(saved["hyper"]["key_times"])
     ha.hypernet.load_state_dict(sd, strict=True)
     opt.load_state_dict(state["optim"])

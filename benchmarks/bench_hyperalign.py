@@ -1,0 +1,151 @@
+"""HyperAlign's cost: sampling wall time of variants I, P, S relative to the base model, and one training step.
+
+Random weights, same seeds, one prompt with classifier-free guidance (the paper's setting; targets I <= 1.05x,
+S <= 1.5x; the paper reports I ~1.0x, S ~1.3-1.7x):
+  toy     the toy-sd U-Net (16x16 latents)
+  sd15    the SD1.5-size U-Net (860M) at --latent (64 = 512 px; CPU default 32 = 256 px to keep it minutes)
+and one hypernetwork training step on the SD1.5-size U-Net (factors with gradient, one modulated U-Net step under
+CFG, backward into the hypernetwork; a squared-x0_hat stand-in replaces VAE + reward): time and peak memory.
+
+    python benchmarks/bench_hyperalign.py                              # CPU fp32
+    python benchmarks/bench_hyperalign.py --device cuda --dtype bfloat16 --latent 64 --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hyperalign as H  # noqa: E402
+import sampler  # noqa: E402
+from unet import make_unet  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_reset(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: reset the peak-RSS counter (VmHWM)
+            f.write("5")
+
+
+def peak_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
+def build(preset: str, device: str, dtype: torch.dtype, rank: int | None) -> H.HyperAlign:
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        unet = make_unet(preset)
+    unet = unet.to_empty(device=device)
+    for p in unet.parameters():                             # random weights, small enough to keep activations sane
+        torch.nn.init.normal_(p, std=0.02)
+    unet = unet.to(dtype).eval().requires_grad_(False)
+    cfg = H.HyperConfig.preset("toy-sd" if preset == "toy-sd" else "sd15", **({"rank": rank} if rank else {}))
+    ha = H.HyperAlign(cfg, H.Backbone("vp", unet, sampler.VPSchedule.from_config(None))).to(device)
+    with torch.no_grad():                                   # a non-zero LoRA, as after training
+        for b in ha.hypernet.b_aux:
+            b.normal_(std=1e-3)
+    return ha
+
+
+def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device: str, dtype) -> dict:
+    unet, sched = ha.backbone.model, ha.backbone.schedule
+    C, E = unet.config.in_channels, unet.config.cross_attention_dim
+    cond, uncond = torch.randn(1, 77, E, device=device, dtype=dtype), torch.zeros(1, 77, E, device=device, dtype=dtype)
+    x_T = torch.randn(1, C, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    ts = sched.timesteps(steps).tolist()
+    ha.cfg.key_times = tuple(float(ts[i]) for i in H.key_steps(torch.randn(steps, 1, 8).cumsum(0), 3))
+    models = {"base": lambda: (lambda x, t, c: unet(x, t, c)), **{v: (lambda v=v: ha.sampler_model(cond, v))
+                                                                   for v in ("I", "P", "S")}}
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for r in range(runs + 1):                           # run 0 warms up
+            for name, make in models.items():
+                sync(device)
+                t0 = time.perf_counter()
+                sampler.ddim_sample(make(), x_T, cond, sched, steps, uncond=uncond, guidance=7.5)
+                sync(device)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["base"])
+    out = {"base_s": round(base, 3)}
+    out.update({f"{k}_x": round(statistics.median(v) / base, 3) for k, v in times.items() if k != "base"})
+    return out
+
+
+def bench_train_step(ha: H.HyperAlign, latent: int, device: str, dtype, grad_ckpt: bool) -> dict:
+    unet = ha.backbone.model
+    unet.gradient_checkpointing = grad_ckpt
+    unet.train(grad_ckpt)
+    C, E = unet.config.in_channels, unet.config.cross_attention_dim
+    x = torch.randn(1, C, latent, latent, device=device, dtype=dtype)
+    cond, uncond = torch.randn(1, 77, E, device=device, dtype=dtype), torch.zeros(1, 77, E, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    opt = torch.optim.AdamW(ha.hypernet.parameters(), lr=1e-4)
+    res = {}
+    for i in range(2):                                       # step 0 warms up (and allocates the Adam state)
+        peak_reset(device)
+        sync(device)
+        t0 = time.perf_counter()
+        factors = ha.factors(x, t, cond)
+        with ha.substituted(factors):
+            u, c = unet(torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])).chunk(2)
+            x0_hat = ha.backbone.x0_hat(x, t, u + 7.5 * (c - u))
+            x0_hat.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        res = {"train_step_s": round(time.perf_counter() - t0, 3), "peak_mem_gib": round(peak_bytes(device) / 2**30, 2)}
+    assert all(p.grad is None for p in unet.parameters())
+    unet.train(False)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (CPU 10, CUDA 50)")
+    p.add_argument("--latent", type=int, default=None, help="SD1.5 latent size (CPU 32, CUDA 64)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--skip-sd15", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's; 1 on a busy machine)")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the training step")
+    a = p.parse_args()
+    cuda = a.device == "cuda"
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
+    steps, latent = a.steps or (50 if cuda else 10), a.latent or (64 if cuda else 32)
+    res = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+           "dtype": str(dtype), "sampling_steps": steps}
+    toy = build("toy-sd", a.device, dtype, a.rank)
+    res["toy"] = bench_sampling(toy, 16, steps, a.runs, a.device, dtype)
+    print(json.dumps(res), flush=True)
+    if not a.skip_sd15:
+        ha = build("sd15", a.device, dtype, a.rank)
+        res["sd15"] = {"latent": latent, "hypernet_params": sum(q.numel() for q in ha.hypernet.parameters()),
+                       **bench_sampling(ha, latent, steps, a.runs, a.device, dtype)}
+        print(json.dumps(res), flush=True)
+        res["sd15"].update(bench_train_step(ha, latent, a.device, dtype, a.grad_ckpt))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
