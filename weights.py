@@ -354,9 +354,10 @@ class SDPipeline:
 
 
 def load_sd(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-            tokenizer: str | None = None, config=None) -> SDPipeline:
+            tokenizer: str | None = None, config=None, vae_config=None) -> SDPipeline:
     """A whole SD1.x pipeline: a diffusers folder (model_index.json with unet/ vae/ text_encoder/ tokenizer/
-    scheduler/) or an LDM single file plus a `tokenizer` folder (`config`: its UNetConfig, default sd15)."""
+    scheduler/) or an LDM single file plus a `tokenizer` folder (`config`: its UNetConfig, default sd15;
+    `vae_config`: its VAEConfig, default read off the keys)."""
     from sampler import SD15_SCHEDULER
     if not os.path.exists(path):
         raise WeightsError(f"no such file or folder: {path}")
@@ -374,7 +375,7 @@ def load_sd(path: str, dtype: torch.dtype | None = None, device: str | torch.dev
                           load_tokenizer(os.path.join(path, "tokenizer")), scheduler)
     if tokenizer is None:
         raise WeightsError(f"{path}: a single-file checkpoint needs a CLIP tokenizer folder (vocab.json, merges.txt)")
-    return SDPipeline(load_unet(path, dtype, device, config), load_vae(path, dtype, device),
+    return SDPipeline(load_unet(path, dtype, device, config), load_vae(path, dtype, device, vae_config),
                       load_text_encoder(path, dtype, device), load_tokenizer(tokenizer), dict(SD15_SCHEDULER))
 
 
