@@ -97,15 +97,18 @@ class Backbone:
     schedule: sampler.VPSchedule | None = None  # vp: alpha_bar and the prediction type (eps or v)
     encoder_depth: int = 2                    # flow
 
-    def forward(self, factors: lora.Factors | None, scale: float, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        """The modulated model f_{θ+Δθ}(x_t, t, cond) with the samplers' contract (factors None: the base model)."""
+    def forward(self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """The modulated model f_{θ+Δθ}(x_t, t, cond) with the samplers' contract, run with the merged weights
+        `params` from lora.merged_params (None: the base model)."""
         if self.kind == "vp":
-            return lora.lora_forward(self.model, factors, scale, x_t, t, cond)
-        dtype = next(self.model.parameters()).dtype
-        g = cond.get("guidance")
-        args = (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
-                cond["y"].to(dtype), None if g is None else g.to(dtype))
-        return lora.lora_forward(self.model, factors, scale, *args).to(x_t.dtype)
+            args = (x_t, t, cond)
+        else:
+            dtype = next(self.model.parameters()).dtype
+            g = cond.get("guidance")
+            args = (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
+                    cond["y"].to(dtype), None if g is None else g.to(dtype))
+        out = self.model(*args) if params is None else lora.call_merged(self.model, params, *args)
+        return out.to(x_t.dtype)
 
     @torch.no_grad()
     def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor]:
@@ -241,14 +244,19 @@ class HyperAlign(nn.Module):
         """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample."""
         return self.hypernet(*self.backbone.features(x_t, t, cond))
 
+    def merged(self, factors: lora.Factors) -> dict[str, Tensor]:
+        """θ + Δθ for the target weights: (O, I) each for one sample, (B, O, I) for several."""
+        return lora.merged_params(self.backbone.model, lora.squeeze_single(factors), self.cfg.scale)
+
     def predict(self, factors: lora.Factors | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        return self.backbone.forward(factors, self.cfg.scale, x_t, t, cond)
+        """f_{θ+Δθ}(x_t, t, cond); factors None: the base model f_θ."""
+        return self.backbone.forward(None if factors is None else self.merged(factors), x_t, t, cond)
 
     def substituted(self, factors: lora.Factors):
         """Context: the frozen model runs with θ + Δθ for one sample's factors until the block exits. Training puts
         forward *and* backward inside it, so gradient checkpointing recomputes with the same weights (lora.py)."""
-        one = {k: (A[0], B[0]) if A.dim() == 3 else (A, B) for k, (A, B) in factors.items()}
-        assert all(A.dim() == 3 and A.shape[0] == 1 or A.dim() == 2 for A, _ in factors.values()), "one sample"
+        one = lora.squeeze_single(factors)
+        assert all(A.dim() == 2 for A, _ in one.values()), "substituted() takes one sample's factors"
         return lora.substituted(self.backbone.model, lora.merged_params(self.backbone.model, one, self.cfg.scale))
 
     def sampler_model(self, cond, variant: str | None = None) -> "Modulated":
@@ -298,7 +306,7 @@ class Modulated:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.ha, self.cond, self.variant = ha, cond, variant
         self.n = (cond["txt"] if isinstance(cond, dict) else cond).shape[0]
-        self._segment, self._factors, self.calls = object(), None, 0
+        self._segment, self._params, self.calls = object(), None, 0
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
@@ -307,8 +315,9 @@ class Modulated:
         seg = segment(self.variant, float(t_vec[0]), self.ha.cfg.key_times)
         if seg != self._segment:
             self._segment, self.calls = seg, self.calls + 1
-            self._factors = self.ha.factors(x_t[:self.n], t_vec[:self.n], self.cond)
-        return self.ha.predict(self._factors, x_t, t_vec, cond)
+            # the merged weights are kept for the segment: a reused LoRA costs nothing per step (I, P)
+            self._params = self.ha.merged(self.ha.factors(x_t[:self.n], t_vec[:self.n], self.cond))
+        return self.ha.backbone.forward(self._params, x_t, t_vec, cond)
 
 
 def key_steps(x0_hats: Tensor, k: int) -> list[int]:

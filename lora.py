@@ -4,10 +4,12 @@ The hypernetwork (hyperalign.py) emits low-rank factors (A, B) for every target 
 names and `torch.func.functional_call`. Three ways to run the modulated model:
 
   lora_call            one set of factors for the whole batch: the weights are merged once, W' = W + s·B·A
-                       (the fast path: sampling one prompt, with its CFG copies, or variant I's reused weights);
+                       (the fast path: sampling one prompt, with its CFG copies);
   lora_call_per_sample every sample of the batch has its own factors: `torch.func.vmap` over `functional_call`, the
                        model batch being K copies of the B samples stacked as (K B) (CFG: K = 2, uncond and cond copies
                        of sample b share its LoRA);
+  merged_params +      the two steps behind both: merged weights can be kept and reused across sampling steps
+  call_merged          (variants I and P reuse them, so I costs one hypernetwork call over the base model);
   substituted          a context manager doing the same substitution as `functional_call`, but held open across
                        forward *and* backward, which gradient checkpointing needs (it re-runs the forward during
                        backward; `functional_call` has already restored the original weights by then).
@@ -69,8 +71,8 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[Target]:
 def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor]:
     """{'<name>.weight': W + s·B·A} for every target: the weights the modulated model runs with.
 
-    Works unbatched (A (R, I), B (O, R)) and, under vmap, per sample. The product is formed in the weight's dtype so a
-    bf16 model stays bf16.
+    Unbatched factors give (O, I) weights; batched ones (B, O, I), one per sample. The product is formed in the
+    weight's dtype so a bf16 model stays bf16.
     """
     params = {}
     for name, (A, B) in factors.items():
@@ -79,9 +81,34 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
     return params
 
 
-def lora_call(model: nn.Module, factors: Factors, scale: float, *args, **kwargs):
-    """Run `model(*args, **kwargs)` with one set of factors for the whole batch (merged-weights fast path)."""
-    return functional_call(model, merged_params(model, factors, scale), args, kwargs, strict=False)
+def call_merged(model: nn.Module, params: dict[str, Tensor], *args):
+    """Run `model(*args)` with merged weights from `merged_params`: one set for the whole batch (`functional_call`),
+    or, when they carry a leading sample dimension, per sample (`vmap` over `functional_call`).
+
+    Per sample, row r of the model batch (size N = K·B) uses the weights of sample r mod B; positional tensor
+    arguments with N rows are split per sample, anything else (None, shared ids, scalars) goes to every sample.
+    """
+    name, W = next(iter(params.items()))
+    if W.dim() == model.get_parameter(name).dim():
+        return functional_call(model, params, args, strict=False)
+    b = W.shape[0]
+    n = next(a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0)
+    if n % b:
+        raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
+    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
+    grouped = [rearrange(a, "(k b) ... -> b k ...", b=b) if t else a for a, t in zip(args, batched)]
+
+    def one(p: dict[str, Tensor], *a):
+        return functional_call(model, p, a, strict=False)
+
+    in_dims = (0, *[0 if t else None for t in batched])
+    out = vmap(one, in_dims=in_dims, randomness="different")(params, *grouped)
+    return rearrange(out, "b k ... -> (k b) ...")
+
+
+def lora_call(model: nn.Module, factors: Factors, scale: float, *args):
+    """Run `model(*args)` with one set of (unbatched) factors for the whole batch: the merged-weights fast path."""
+    return call_merged(model, merged_params(model, factors, scale), *args)
 
 
 def _n_samples(factors: Factors) -> int:
@@ -93,23 +120,11 @@ def _n_samples(factors: Factors) -> int:
 def lora_call_per_sample(model: nn.Module, factors: Factors, scale: float, *args):
     """Run `model(*args)` where row r of the model batch (size N = K·B) uses the LoRA of sample r mod B.
 
-    Positional tensor arguments with N rows are split per sample; anything else (None, shared ids, scalars) is passed
-    to every sample unchanged. Implemented as `vmap` over `functional_call`, so each sample's weights W + s·B_b·A_b are
-    formed inside the map; `lora_call_per_sample_loop` is the reference it is tested against.
+    The per-sample weights W + s·B_b·A_b are formed once, then `vmap` runs `functional_call` per sample (see
+    `call_merged`); `lora_call_per_sample_loop` is the reference it is tested against.
     """
-    b = _n_samples(factors)
-    n = next(a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0)
-    if n % b:
-        raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
-    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
-    grouped = [rearrange(a, "(k b) ... -> b k ...", b=b) if t else a for a, t in zip(args, batched)]
-
-    def one(fac: Factors, *a):
-        return functional_call(model, merged_params(model, fac, scale), a, strict=False)
-
-    in_dims = (0, *[0 if t else None for t in batched])
-    out = vmap(one, in_dims=in_dims, randomness="different")(factors, *grouped)
-    return rearrange(out, "b k ... -> (k b) ...")
+    _n_samples(factors)
+    return call_merged(model, merged_params(model, factors, scale), *args)
 
 
 def lora_call_per_sample_loop(model: nn.Module, factors: Factors, scale: float, *args):
@@ -128,16 +143,17 @@ def lora_call_per_sample_loop(model: nn.Module, factors: Factors, scale: float, 
     return torch.stack(out)
 
 
+def squeeze_single(factors: Factors) -> Factors:
+    """Batched factors of one sample -> unbatched (the merged fast path serves all its CFG copies)."""
+    A, _ = next(iter(factors.values()))
+    return {k: (A[0], B[0]) for k, (A, B) in factors.items()} if A.dim() == 3 and A.shape[0] == 1 else factors
+
+
 def lora_forward(model: nn.Module, factors: Factors | None, scale: float, *args):
     """Dispatch: no factors -> the base model; unbatched or one-sample factors -> merged; otherwise per sample."""
     if factors is None:
         return model(*args)
-    A, _ = next(iter(factors.values()))
-    if A.dim() == 2:
-        return lora_call(model, factors, scale, *args)
-    if A.shape[0] == 1:
-        return lora_call(model, {k: (A[0], B[0]) for k, (A, B) in factors.items()}, scale, *args)
-    return lora_call_per_sample(model, factors, scale, *args)
+    return call_merged(model, merged_params(model, squeeze_single(factors), scale), *args)
 
 
 @contextmanager
