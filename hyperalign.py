@@ -264,6 +264,29 @@ class HyperAlign(nn.Module):
         return Modulated(self, cond, variant or self.cfg.variant)
 
 
+def load(folder: str, backbone: Backbone, device=None) -> tuple[HyperAlign, dict]:
+    """Rebuild a trained HyperAlign from a train.py output folder (config.json + hypernet.safetensors) on a frozen
+    backbone; the variant and P's key times come from the config. Returns (model, the saved config dict)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config.json in {folder}: not a HyperAlign checkpoint folder (train.py --out)")
+    with open(path) as f:
+        saved = json.load(f)
+    ha = HyperAlign(HyperConfig(**saved["hyper"]), backbone)
+    weights = os.path.join(folder, "hypernet.safetensors")
+    if not os.path.isfile(weights):
+        raise ValueError(f"no hypernet.safetensors in {folder}")
+    try:
+        ha.hypernet.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as e:  # another model's hypernetwork: its targets or sizes differ
+        raise ValueError(f"{weights} does not fit this model: {str(e).splitlines()[0]}") from None
+    return (ha.to(device) if device is not None else ha), saved
+
+
 def count_params(cfg: HyperConfig, make_model: Callable[[], nn.Module], **backbone_kw) -> int:
     """Trainable parameters of the hypernetwork for a backbone, counted on the meta device (no memory)."""
     with torch.device("meta"):

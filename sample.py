@@ -78,6 +78,15 @@ def sample_sd(pipe: weights.SDPipeline, prompt: str, negative_prompt: str = "", 
     return to_uint8(vae.decode(x_0.to(next(vae.parameters()).dtype)))
 
 
+def hyper_wrap(folder: str, pipe: weights.SDPipeline, prompt: str, batch: int, device) -> Callable:
+    """`wrap` for sample_sd: the U-Net callable modulated by a trained HyperAlign hypernetwork (hyperalign.py)."""
+    import hyperalign
+    backbone = hyperalign.Backbone("vp", pipe.unet, sampler.VPSchedule.from_config(pipe.scheduler))
+    ha, _ = hyperalign.load(folder, backbone, device)
+    context = pipe.encode_prompt([prompt]).to(next(pipe.unet.parameters()).dtype).repeat(batch, 1, 1)
+    return lambda unet: ha.sampler_model(context)
+
+
 def save_images(images: np.ndarray, out: str) -> list[str]:
     """One file per image: OUT for a single image, OUT-stem-{i}.ext for a batch."""
     from PIL import Image
@@ -102,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--out", required=True, help="output image (.png/.jpg/.webp); a batch writes OUT-0.png, ...")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file checkpoint")
+    p.add_argument("--hyper", default=None, help="a trained HyperAlign folder (train.py --out DIR): sample with its "
+                   "LoRA weights; the variant (S / I / P) comes from DIR/config.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -135,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         if arch != "sd":
             raise ValueError(f"{args.model}: {arch} checkpoints are not supported by sample.py yet")
         pipe = weights.load_sd(args.model, dtype=dtype, device=args.device, tokenizer=args.tokenizer)
+        wrap = hyper_wrap(args.hyper, pipe, args.prompt, args.batch, args.device) if args.hyper else None
         images = sample_sd(pipe, args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance,
-                           args.height, args.width, args.batch, args.eta)
+                           args.height, args.width, args.batch, args.eta, wrap=wrap)
         paths = save_images(images, args.out)
     except (ValueError, OSError) as e:  # WeightsError is a ValueError
         print(f"error: {e}", file=sys.stderr)

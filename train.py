@@ -183,17 +183,7 @@ def save_checkpoint(out: str, ha: HyperAlign, opt, step: int, run: dict) -> None
     atomic_write(os.path.join(out, "config.json"), lambda p: open(p, "w").write(json.dumps(cfg, indent=2)))
 
 
-def load_hyperalign(out: str, backbone: Backbone, device=None) -> tuple[HyperAlign, dict]:
-    """Rebuild a trained HyperAlign from DIR (config.json + hypernet.safetensors) on a frozen backbone."""
-    path = os.path.join(out, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no config.json in {out}: not a HyperAlign checkpoint folder")
-    with open(path) as f:
-        cfg = json.load(f)
-    ha = HyperAlign(HyperConfig(**cfg["hyper"]), backbone)
-    sd = load_file(os.path.join(out, "hypernet.safetensors"))
-    ha.hypernet.load_state_dict(sd, strict=True)
-    return ha.to(device) if device is not None else ha, cfg
+load_hyperalign = ha_mod.load  # rebuild from DIR (hyperalign.py; sample.py --hyper uses it too)
 
 
 # ---------------------------------------------------------------------------------------------------------- training

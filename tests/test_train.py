@@ -82,3 +82,38 @@ def test_flux_path_trains(tmp_path):
     assert set(m) >= {"reward_base", "reward_aligned"} and m["trainable_params"] > 0
     sd = load_file(tmp_path / "hypernet.safetensors")
     assert any(k.startswith("b_aux.") and v.abs().sum() > 0 for k, v in sd.items())  # it learned something
+
+
+def test_sample_cli_with_hyper(tmp_path):
+    """sample.py --hyper DIR: an untrained hypernetwork reproduces the base image exactly; a non-zero one changes it."""
+    import numpy as np
+    from PIL import Image
+    from sd_tiny import write_pipeline
+
+    import hyperalign as H
+    import sample
+    import sampler
+    import weights
+    folder = tmp_path / "sd"
+    write_pipeline(str(folder))
+    pipe = weights.load_sd(str(folder))
+    ha = H.HyperAlign(H.HyperConfig.preset("toy-sd", variant="P", key_times=(981.0, 501.0)),
+                      H.Backbone("vp", pipe.unet, sampler.VPSchedule.from_config(pipe.scheduler)))
+    opt = torch.optim.AdamW(ha.hypernet.parameters())
+    os.makedirs(tmp_path / "ha")
+    train.save_checkpoint(str(tmp_path / "ha"), ha, opt, 0, {})
+    common = ["--model", str(folder), "--prompt", "a cat", "--steps", "4", "--height", "32", "--width", "32",
+              "--device", "cpu"]
+    images = {}
+    for name, extra in (("base", []), ("zero", ["--hyper", str(tmp_path / "ha")]), ("trained", None)):
+        if extra is None:                                                             # a hypernetwork that does something
+            with torch.no_grad():
+                for b in ha.hypernet.b_aux:
+                    b.normal_(std=0.5)
+            train.save_checkpoint(str(tmp_path / "ha"), ha, opt, 1, {})
+            extra = ["--hyper", str(tmp_path / "ha")]
+        assert sample.main([*common, *extra, "--out", str(tmp_path / f"{name}.png")]) == 0
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"), dtype=np.int16)
+    assert np.array_equal(images["zero"], images["base"])
+    assert np.abs(images["trained"] - images["base"]).max() > 0
+    assert sample.main([*common, "--hyper", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")]) == 2
