@@ -122,24 +122,24 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000, time_fac
 
 
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
-    """Rotary angles for 3-axis position ids (B, L, 3) -> (B, 1, L, D / 2, 2) holding (cos, sin), float32.
+    """Rotary phases for 3-axis position ids (B, L, 3) -> e^{i pos omega} as complex64 (B, 1, L, D / 2).
 
-    Computed on the fly (no buffers, so every module tensor is a checkpoint tensor). NOTE: the frequencies and angles
-    are formed in float64 like BFL's code (positions reach 100s; fp32 angles would drift by ~1e-5 rad).
+    Each axis a rotates its own d_a / 2 pairs with frequencies omega_j = theta^(-2j / d_a). Computed on the fly (no
+    buffers, so every module tensor is a checkpoint tensor). NOTE: the angles are formed in float64 like BFL's code
+    (positions reach 100s; float32 angles would be off by ~1e-5 rad), the rotation is applied in float32.
     """
     angles = []
     for i, d in enumerate(axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)  # (d / 2,)
         angles.append(ids[..., i, None].double() * omega)  # (B, L, d / 2)
-    angles = torch.cat(angles, dim=-1)  # (B, L, D / 2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()[:, None]  # (B, 1, L, D / 2, 2)
+    angles = torch.cat(angles, dim=-1)[:, None]  # (B, 1, L, D / 2)
+    return torch.complex(angles.cos().float(), angles.sin().float())
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of q or k (B, N, L, D) by the angles in pe, in float32."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, L, D / 2) each
-    cos, sin = pe.unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of q or k (B, N, L, D), as complex numbers x[2i] + i x[2i+1], by pe."""
+    x_c = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, N, L, D / 2) complex64
+    return torch.view_as_real(x_c * pe).flatten(-2).type_as(x)
 
 
 class MLPEmbedder(nn.Module):
@@ -160,11 +160,9 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalised in float32 (BFL), then the learned scale in the input dtype
-        x_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return x.to(x_dtype) * self.scale
+        # NOTE: torch's fused kernel (float32 statistics, as BFL); BFL rounds to x's dtype before the scale, which only
+        # differs in bf16, by one rounding
+        return F.rms_norm(x, (x.shape[-1],), self.scale, eps=1e-6)
 
 
 class QKNorm(nn.Module):
