@@ -18,13 +18,16 @@ E embedding width, T target layers (= query tokens), D decoder width, R LoRA ran
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import lora
@@ -255,9 +258,8 @@ class HyperAlign(nn.Module):
     def substituted(self, factors: lora.Factors):
         """Context: the frozen model runs with θ + Δθ for one sample's factors until the block exits. Training puts
         forward *and* backward inside it, so gradient checkpointing recomputes with the same weights (lora.py)."""
-        one = lora.squeeze_single(factors)
-        assert all(A.dim() == 2 for A, _ in one.values()), "substituted() takes one sample's factors"
-        return lora.substituted(self.backbone.model, lora.merged_params(self.backbone.model, one, self.cfg.scale))
+        assert all(A.dim() == 2 for A, _ in lora.squeeze_single(factors).values()), "one sample's factors"
+        return lora.substituted(self.backbone.model, self.merged(factors))
 
     def sampler_model(self, cond, variant: str | None = None) -> "Modulated":
         """A fresh model callable for one trajectory of the samplers; `cond` is the B prompts' conditioning."""
@@ -267,10 +269,6 @@ class HyperAlign(nn.Module):
 def load(folder: str, backbone: Backbone, device=None) -> tuple[HyperAlign, dict]:
     """Rebuild a trained HyperAlign from a train.py output folder (config.json + hypernet.safetensors) on a frozen
     backbone; the variant and P's key times come from the config. Returns (model, the saved config dict)."""
-    import json
-    import os
-
-    from safetensors.torch import load_file
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {folder}: not a HyperAlign checkpoint folder (train.py --out)")
