@@ -1,0 +1,366 @@
+"""The toy world: a captioned 32x32 image world in which the whole paper runs on a CPU in minutes.
+
+What lives here (the training of the tiny models is in toy_train.py):
+  # ---- world       palette, shapes, relations; captions; train / held-out prompt splits; the renderer
+  # ---- judge       rule-based ground truth from pixels: count, colour, shape, binding, position, overall
+  # ---- tokenizer   a real CLIPTokenizer (vocab.json + merges.txt) whose BPE turns every world word into one token
+  # ---- rewards     differentiable toy rewards behind the `Reward` contract: toy CLIP score, toy preference model
+  # ---- assets      paths of the shipped files; `python toy.py build` rebuilds them all (see toy_train.py)
+
+Shipped files (assets/toy/, rebuilt by `python toy.py build`):
+  sd/          diffusers-style SD pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
+  flux/        FLUX folder: transformer/ (BFL single file), vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/
+  clip/        the whole toy CLIPModel (vision + text towers), used by the toy CLIP score
+  pref/        the toy preference model's head (HPS-like), on the frozen toy CLIP
+  prefs.parquet  toy preference pairs in Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0, label_1; PNG bytes)
+  metrics.json   figures measured by the build (VAE PSNR, CLIP retrieval, judge accuracy of the base models)
+
+Shape alphabet: B batch, C channels, H, W image size, K palette size.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import random
+import sys
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+SD_DIR, FLUX_DIR, CLIP_DIR, PREF_DIR = (os.path.join(ROOT, d) for d in ("sd", "flux", "clip", "pref"))
+PREFS_PATH = os.path.join(ROOT, "prefs.parquet")
+METRICS_PATH = os.path.join(ROOT, "metrics.json")
+
+# ------------------------------------------------------------------------------------------------------------- world
+
+SIZE = 32                                       # images are SIZE x SIZE RGB
+SUPERSAMPLE = 4                                 # draw at 4x and box-filter down: anti-aliased edges
+BACKGROUND = (0, 0, 0)
+PALETTE = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
+           "yellow": (255, 255, 0), "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")
+OBJ_SIZE = (10, 13)                             # bounding-box side in pixels, inclusive range
+# Colour-shape bindings never seen inside a two-object prompt during training (they are seen alone). A prompt that
+# uses one of them in a relation is held out: it measures compositional generalisation, as GenEval does.
+HELDOUT_BINDINGS = frozenset({("red", "square"), ("green", "triangle"), ("blue", "circle"), ("cyan", "triangle")})
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A parsed caption: one object, or two objects and the relation of the first to the second."""
+    objects: tuple[Obj, ...]
+    relation: str | None = None
+
+    def __str__(self) -> str:
+        a = f"a {self.objects[0].colour} {self.objects[0].shape}"
+        if self.relation is None:
+            return a
+        return f"{a} {self.relation} a {self.objects[1].colour} {self.objects[1].shape}"
+
+
+def parse(caption: str) -> Prompt:
+    """'a red circle left of a blue square' -> Prompt; ValueError for anything outside the world's grammar."""
+    w = caption.strip().lower().split()
+
+    def obj(i: int) -> Obj:
+        if len(w) < i + 3 or w[i] != "a" or w[i + 1] not in PALETTE or w[i + 2] not in SHAPES:
+            raise ValueError(f"not a toy-world caption: {caption!r} (expected e.g. 'a red circle left of a blue square')")
+        return Obj(w[i + 1], w[i + 2])
+
+    first = obj(0)
+    if len(w) == 3:
+        return Prompt((first,))
+    rel_len = 2 if w[3] in ("left", "right") else 1
+    rel = " ".join(w[3:3 + rel_len])
+    if rel not in RELATIONS or len(w) != 3 + rel_len + 3:
+        raise ValueError(f"not a toy-world caption: {caption!r} (relations: {', '.join(RELATIONS)})")
+    return Prompt((first, obj(3 + rel_len)), rel)
+
+
+def all_prompts() -> list[str]:
+    """Every caption of the world: 18 single objects, then 1080 relations between two objects of different colours."""
+    singles = [str(Prompt((Obj(c, s),))) for c in COLOURS for s in SHAPES]
+    pairs = [str(Prompt((Obj(c1, s1), Obj(c2, s2)), r))
+             for c1, s1, r, c2, s2 in itertools.product(COLOURS, SHAPES, RELATIONS, COLOURS, SHAPES) if c1 != c2]
+    return singles + pairs
+
+
+def is_heldout(caption: str) -> bool:
+    p = parse(caption)
+    return p.relation is not None and any((o.colour, o.shape) in HELDOUT_BINDINGS for o in p.objects)
+
+
+def prompts(split: str) -> list[str]:
+    """'train' (18 singles + 666 relations), 'heldout' (414 relations) or 'all'."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    return [p for p in all_prompts() if split == "all" or is_heldout(p) == (split == "heldout")]
+
+
+def eval_prompts(split: str, n: int = 64, seed: int = 0) -> list[str]:
+    """A fixed sample of n prompts of a split, the relational ones first-class: what the reported accuracies use."""
+    ps = prompts(split)
+    return random.Random(seed).sample(ps, min(n, len(ps)))
+
+
+def _seed(caption: str, seed: int) -> int:
+    return zlib.crc32(f"{seed}:{caption}".encode())      # stable across processes, unlike hash()
+
+
+def layout(caption: str, seed: int = 0) -> list[tuple[Obj, int, int, int]]:
+    """Place the prompt's objects: [(obj, size, cx, cy)] with centres in pixels, boxes inside the image, no overlap.
+
+    Two objects in a relation are offset mostly along the relation's axis (|along| > 2 |across|), so the relation is
+    unambiguous from the centroids.
+    """
+    p, rng = parse(caption), random.Random(_seed(caption, seed))
+    sizes = [rng.randint(*OBJ_SIZE) for _ in p.objects]
+    if p.relation is None:
+        s = sizes[0]
+        return [(p.objects[0], s, rng.randint(s // 2 + 1, SIZE - s // 2 - 1), rng.randint(s // 2 + 1, SIZE - s // 2 - 1))]
+    sa, sb = sizes
+    half = max(sa, sb) // 2 + 1
+    gap = (sa + sb) // 2 + 2
+    along = rng.randint(gap, SIZE - 2 * half)           # centre distance along the relation axis
+    across = rng.randint(-(along // 3), along // 3)      # small offset across it
+    a_lo = half + max(0, -across)                        # first object's across-coordinate range keeps both inside
+    a_hi = SIZE - half - max(0, across)
+    u0 = rng.randint(half, SIZE - half - along)          # coordinate along the axis of the earlier object
+    v0 = rng.randint(a_lo, a_hi)
+    first_before = p.relation in ("left of", "above")    # the first object has the smaller coordinate
+    ua, ub = (u0, u0 + along) if first_before else (u0 + along, u0)
+    va, vb = (v0, v0 + across) if first_before else (v0 + across, v0)
+    if p.relation in ("left of", "right of"):
+        return [(p.objects[0], sa, ua, va), (p.objects[1], sb, ub, vb)]
+    return [(p.objects[0], sa, va, ua), (p.objects[1], sb, vb, ub)]
+
+
+def render(caption: str, seed: int = 0) -> Image.Image:
+    """Draw the caption at random sizes and positions (deterministic in (caption, seed)); anti-aliased RGB."""
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for obj, s, cx, cy in layout(caption, seed):
+        x0, y0 = (cx - s / 2) * k, (cy - s / 2) * k
+        x1, y1 = x0 + s * k - 1, y0 + s * k - 1
+        fill = PALETTE[obj.colour]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:  # an upright triangle filling its box: apex at the top centre, base along the bottom
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    return img.resize((SIZE, SIZE), Image.BOX)
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 255
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    x = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+def render_batch(captions: list[str], seeds: list[int] | int = 0) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1]; seeds is one int per caption, or one base seed (caption i gets seed + i)."""
+    seeds = [seeds + i for i in range(len(captions))] if isinstance(seeds, int) else seeds
+    return to_tensor([render(c, s) for c, s in zip(captions, seeds)])
+
+
+def grid(images: torch.Tensor, nrow: int = 8, scale: int = 4) -> Image.Image:
+    """(B, 3, H, W) -> one PNG-able picture, nearest-upscaled so the 32px images can be seen."""
+    B, _, H, W = images.shape
+    ncol = (B + nrow - 1) // nrow
+    canvas = torch.ones(3, ncol * (H + 2), nrow * (W + 2)) * 0.5
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        canvas[:, r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = images[i].clamp(0, 1)
+    pic = to_pil(canvas[None])[0]
+    return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
+
+
+# ------------------------------------------------------------------------------------------------------------- judge
+
+_PAL = torch.tensor([BACKGROUND] + [PALETTE[c] for c in COLOURS], dtype=torch.float32) / 255    # (K, 3), 0 = bg
+MIN_AREA = 16           # components smaller than this are specks, not objects (the smallest object has ~50 px)
+MAX_DIST = 0.45         # a pixel further than this from every palette colour is 'other' (not any colour)
+
+
+def _components(cls: torch.Tensor, n_iter: int = 64) -> torch.Tensor:
+    """4-connected components of equal class (cls: (B, H, W) long, 0 = background): label = min pixel index + 1."""
+    B, H, W = cls.shape
+    idx = torch.arange(1, H * W + 1, dtype=torch.long).view(1, H, W).expand(B, H, W)
+    big = H * W + 1
+    lab = torch.where(cls > 0, idx, torch.full_like(idx, big))
+    for _ in range(n_iter):
+        new = lab.clone()
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            nb_lab = torch.roll(lab, (dy, dx), (1, 2))
+            nb_cls = torch.roll(cls, (dy, dx), (1, 2))
+            valid = torch.ones_like(cls, dtype=torch.bool)      # no wrap-around at the borders
+            if dy == 1: valid[:, 0] = False
+            if dy == -1: valid[:, -1] = False
+            if dx == 1: valid[:, :, 0] = False
+            if dx == -1: valid[:, :, -1] = False
+            same = valid & (nb_cls == cls) & (cls > 0)
+            new = torch.where(same, torch.minimum(new, nb_lab), new)
+        if torch.equal(new, lab):
+            break
+        lab = new
+    return torch.where(cls > 0, lab, torch.zeros_like(lab))
+
+
+def _shape_of(mask: np.ndarray) -> str:
+    """Circle, square or triangle from a component's pixels: filled box corners, and mass in the top half."""
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
+    h, w = box.shape
+    corners = np.mean([box[:2, :2].mean(), box[:2, -2:].mean(), box[-2:, :2].mean(), box[-2:, -2:].mean()])
+    top = box[:h // 2].sum() / box.sum()        # an upright triangle keeps ~1/4 of its mass in the top half
+    if corners >= 0.7:
+        return "square"
+    if top < 0.4:
+        return "triangle"
+    return "circle"
+
+
+def detect(images: torch.Tensor) -> list[list[dict]]:
+    """Objects found in each image: [{'colour', 'shape', 'cx', 'cy', 'area'}] (nearest-palette pixels, components)."""
+    x = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)        # (B, H, W, 3)
+    d = torch.cdist(x.reshape(-1, 3), _PAL).view(*x.shape[:3], -1)          # (B, H, W, K)
+    dist, cls = d.min(-1)
+    cls = torch.where(dist <= MAX_DIST, cls, torch.zeros_like(cls))       # 'other' pixels count as background
+    lab = _components(cls).numpy()
+    cls = cls.numpy()
+    found = []
+    for b in range(x.shape[0]):
+        objs = []
+        ids, counts = np.unique(lab[b], return_counts=True)
+        for i, n in zip(ids, counts):
+            if i == 0 or n < MIN_AREA:
+                continue
+            m = lab[b] == i
+            ys, xs = np.nonzero(m)
+            objs.append({"colour": COLOURS[cls[b][m][0] - 1], "shape": _shape_of(m),
+                         "cx": float(xs.mean()), "cy": float(ys.mean()), "area": int(n)})
+        found.append(objs)
+    return found
+
+
+def _holds(relation: str, a: dict, b: dict) -> bool:
+    dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]          # from the first object to the second
+    return {"left of": dx > abs(dy), "right of": -dx > abs(dy), "above": dy > abs(dx), "below": -dy > abs(dx)}[relation]
+
+
+def judge(images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Rule-based ground truth, per image, each in [0, 1] (B,): the non-differentiable judge no reward is tuned to.
+
+    count:    the number of objects found equals the number asked for
+    colour:   fraction of asked objects whose colour is present
+    shape:    fraction of asked objects whose shape is present
+    binding:  fraction of asked objects present with the right colour AND shape (GenEval's 'colour attribution')
+    position: for a relation, both objects present (bound) and the relation holds between their centroids;
+              1 for one-object prompts (nothing asked; `summary` averages position over relational prompts only)
+    overall:  count and binding and position all right (GenEval's per-image success)
+    """
+    if images.ndim != 4 or images.shape[0] != len(captions):
+        raise ValueError(f"judge: expected (B, 3, H, W) images and B captions, got {tuple(images.shape)} and {len(captions)}")
+    keys = ("count", "colour", "shape", "binding", "position", "overall")
+    out = {k: torch.zeros(len(captions)) for k in keys}
+    for i, (objs, caption) in enumerate(zip(detect(images), captions)):
+        p = parse(caption)
+        n = len(p.objects)
+        out["count"][i] = float(len(objs) == n)
+        out["colour"][i] = sum(any(o["colour"] == q.colour for o in objs) for q in p.objects) / n
+        out["shape"][i] = sum(any(o["shape"] == q.shape for o in objs) for q in p.objects) / n
+        bound = [next((o for o in objs if (o["colour"], o["shape"]) == (q.colour, q.shape)), None) for q in p.objects]
+        out["binding"][i] = sum(o is not None for o in bound) / n
+        if p.relation is None:
+            out["position"][i] = 1.0
+        else:
+            out["position"][i] = float(all(bound) and _holds(p.relation, bound[0], bound[1]))
+        out["overall"][i] = float(out["count"][i] == 1 and out["binding"][i] == 1 and out["position"][i] == 1)
+    return out
+
+
+def summary(scores: dict[str, torch.Tensor], captions: list[str]) -> dict[str, float]:
+    """Mean of each judge score; position averaged over relational prompts only."""
+    rel = torch.tensor([parse(c).relation is not None for c in captions])
+    res = {k: round(v.mean().item(), 4) for k, v in scores.items() if k != "position"}
+    res["position"] = round(scores["position"][rel].mean().item(), 4) if rel.any() else float("nan")
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------- tokenizer
+
+def words() -> list[str]:
+    """Every word of the world, in a fixed order."""
+    return ["a", *COLOURS, *SHAPES, "left", "right", "of", "above", "below"]
+
+
+def _bpe_merges(vocab_words: list[str]) -> list[tuple[str, str]]:
+    """Learn byte-pair merges on the word list until every word is one symbol (CLIP's `</w>` end-of-word marker)."""
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in vocab_words]
+    merges = []
+    while any(len(s) > 1 for s in seqs):
+        counts: dict[tuple[str, str], int] = {}
+        for s in seqs:
+            for pair in zip(s[:-1], s[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = max(counts, key=lambda p: (counts[p], -len(p[0] + p[1]), p))   # most frequent; ties: shortest, then by name
+        merges.append(best)
+        for i, s in enumerate(seqs):
+            j, out = 0, []
+            while j < len(s):
+                if j < len(s) - 1 and (s[j], s[j + 1]) == best:
+                    out.append(s[j] + s[j + 1])
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            seqs[i] = out
+    return merges
+
+
+def write_tokenizer(folder: str) -> None:
+    """A real CLIPTokenizer folder (vocab.json, merges.txt, configs) for the world's words, 77-token contexts like SD.
+
+    Vocabulary: special tokens, the lower-case letters alone and word-final (so any lower-case word still tokenizes),
+    every merged symbol. Every world word round-trips to exactly one token (tested).
+    """
+    from transformers import CLIPTokenizer
+    os.makedirs(folder, exist_ok=True)
+    merges = _bpe_merges(words())
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    symbols = ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters] + [a + b for a, b in merges]
+    vocab = {s: i for i, s in enumerate(dict.fromkeys(symbols))}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f, indent=0)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                        unk_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                        pad_token="<|endoftext|>", model_max_length=77)
+    tok.save_pretrained(folder)
+
+
+def load_tokenizer(folder: str | None = None):
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(folder or os.path.join(SD_DIR, "tokenizer"))
