@@ -60,6 +60,11 @@ def clip_embedder(reward) -> Callable | None:
     return None
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def measure(generate: Generate, pipe: train.Pipe, prompts: list[str], seeds: list[int], reward, judge=None,
             embed: Callable | None = None, batch: int = 16, device="cpu") -> tuple[dict, torch.Tensor]:
@@ -71,9 +76,12 @@ def measure(generate: Generate, pipe: train.Pipe, prompts: list[str], seeds: lis
         for i in range(0, len(prompts), batch):
             p = prompts[i:i + batch]
             x_T = pipe.noise(len(p), torch.Generator().manual_seed(seed + i), device)
+            _sync(device)
             t0 = time.perf_counter()
-            row.append(generate(p, x_T, seed + i).float().cpu())
+            out = generate(p, x_T, seed + i)
+            _sync(device)
             secs += time.perf_counter() - t0
+            row.append(out.float().cpu())
         images.append(torch.cat(row))
     images = torch.stack(images)                                               # (S, P, 3, H, W)
     flat, caps = images.flatten(0, 1), prompts * len(seeds)
@@ -127,7 +135,7 @@ def hyperalign_run(folder: str, pipe: train.Pipe, preset: str, variant: str, ste
                    prefs_reader, lam: float = 1.0) -> H.HyperAlign:
     """Train (train.run) unless DIR already holds this many steps; then load it."""
     if not _trained(folder, steps, "hyper"):
-        args = train.parse_args(["--model", "toy-sd", "--preset", preset, "--variant", variant, "--steps", str(steps),
+        args = train.parse_args(["--model", preset, "--preset", preset, "--variant", variant, "--steps", str(steps),
                                  "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lambda-reg", str(lam),
                                  "--sample-steps", str(pipe.steps), "--save-every", str(max(steps, 1)),
                                  "--seed", str(a.seed), "--out", folder, "--no-eval"])
@@ -226,6 +234,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the frozen models")
     p.add_argument("--out", default="runs/table")
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
@@ -247,23 +258,24 @@ def main(argv=None) -> None:
     if a.model is not None:                                                    # a real model: given rows only
         if not (a.reward and a.prompts):
             raise ValueError("a real --model needs --reward and --prompts")
-        pipe = train.load_pipe(a.model, "cpu", torch.float32, None, None, None)
-        train_reward = rewards.parse_reward_spec(a.reward)
-        score = rewards.parse_reward_spec(a.score or a.reward)
+        pipe = train.load_pipe(a.model, a.device, getattr(torch, a.dtype), None, None, None)
+        train_reward = rewards.parse_reward_spec(a.reward, device=a.device)
+        score = rewards.parse_reward_spec(a.score or a.reward, device=a.device)
         prompts = train.read_lines(a.prompts)[:a.n_prompts]
         base = BL.base_model(pipe)
         rows = [("base", sample_with(pipe, lambda c: base), {"train_steps": 0})]
         for d in a.hyper:
-            ha, saved = H.load(d, pipe.backbone)
+            ha, saved = H.load(d, pipe.backbone, a.device)
             rows.append((f"HyperAlign-{ha.cfg.variant}", sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c)),
                          {"train_steps": saved.get("step", 0)}))
         if a.static:
-            sl, saved = BL.load_static(a.static, pipe.backbone)
+            sl, saved = BL.load_static(a.static, pipe.backbone, a.device)
             rows.append(("static LoRA", sample_with(pipe, lambda c: sl.sampler_model()),
                          {"train_steps": saved["run"]["steps"]}))
         rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon), {"train_steps": 0}))
         rows.append((f"guidance ρ={a.rho:g}", guidance_gen(pipe, train_reward, a.rho), {"train_steps": 0}))
-        tables[a.model] = evaluate_rows(rows, pipe, prompts, list(range(a.seeds)), score, None, clip_embedder(score))
+        tables[a.model] = evaluate_rows(rows, pipe, prompts, list(range(a.seeds)), score, None, clip_embedder(score),
+                                        a.device)
         md.append(markdown(a.model, tables[a.model]))
     else:
         import prefs
