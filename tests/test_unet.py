@@ -9,6 +9,16 @@ from diffusers import UNet2DConditionModel
 import unet as unet_mod
 import weights
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is 10-50x faster than two on a busy 2-core machine (OpenMP contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = {
     # two levels, one layer per block, conv projections, per-level head counts
     "a": dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -105,7 +115,9 @@ def test_sd15_full_size_numeric():
     base, pools, sd = torch.randn(2 ** 25, generator=torch.Generator().manual_seed(0)), {}, {}
     for i, (k, v) in enumerate(ref.state_dict().items()):
         scale = 0.5 if v.ndim == 1 else 2.0 ** round(math.log2(v[0].numel() ** -0.5))
-        pool = pools.setdefault(scale, base * scale)
+        if scale not in pools:
+            pools[scale] = base * scale
+        pool = pools[scale]
         offset = (i * 7919 * 131) % (pool.numel() - v.numel() + 1)
         sd[k] = pool[offset:offset + v.numel()].view(v.shape)
     ref.load_state_dict(sd, assign=True)
