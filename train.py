@@ -271,7 +271,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None, help="LoRA rank R (default: the preset's)")
     p.add_argument("--key-steps", type=int, default=3, help="P: number of curvature key steps K (plus step 0)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20, SD 50, FLUX 28)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (SD 7.5) / distilled guidance (FLUX 3.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale (SD 7.5, toy 5) / distilled guidance (FLUX-dev 3.5)")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--prompts", default=None, help="training prompts, one per line (toy: the world's train split)")
     p.add_argument("--eval-prompts", default=None, help="held-out prompts, one per line (toy: held-out split)")
@@ -300,6 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (150 if toy else 2000)
     args.lr = args.lr or (1e-3 if toy else 1e-4)
     args.sample_steps = args.sample_steps or (20 if toy else None)
+    if toy and args.guidance is None and args.model == "toy-sd":
+        args.guidance = 5.0  # the toy U-Net's CFG scale (toy_train.py); the toy FLUX is schnell-style, unguided
     return args
 
 
