@@ -143,12 +143,14 @@ def main(argv=None) -> None:
     p.add_argument("--n-prompts", type=int, default=8)
     p.add_argument("--seeds", type=int, default=6, help="seeds per prompt for the PCA")
     p.add_argument("--key-steps", type=int, default=3)
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py)")
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    pipe = train.load_pipe(a.model, "cpu", torch.float32, None, None, None)
+    toy_model = a.model in train.TOY
+    pipe = train.load_pipe(a.model, "cpu", torch.float32, None, a.sample_steps or (20 if toy_model else None), None)
     if a.prompts:
         prompts = train.read_lines(a.prompts)[:a.n_prompts]
     else:

@@ -229,6 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--n-prompts", type=int, default=16, help="held-out prompts")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (diversity needs >= 2)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py; real: model's)")
     p.add_argument("--bon", type=int, default=8, help="N of Best-of-N")
     p.add_argument("--rho", type=float, default=1.0, help="gradient guidance step ρ")
     p.add_argument("--no-ablation", action="store_true")
@@ -258,7 +259,7 @@ def main(argv=None) -> None:
     if a.model is not None:                                                    # a real model: given rows only
         if not (a.reward and a.prompts):
             raise ValueError("a real --model needs --reward and --prompts")
-        pipe = train.load_pipe(a.model, a.device, getattr(torch, a.dtype), None, None, None)
+        pipe = train.load_pipe(a.model, a.device, getattr(torch, a.dtype), None, a.sample_steps, None)
         train_reward = rewards.parse_reward_spec(a.reward, device=a.device)
         score = rewards.parse_reward_spec(a.score or a.reward, device=a.device)
         prompts = train.read_lines(a.prompts)[:a.n_prompts]
@@ -288,7 +289,7 @@ def main(argv=None) -> None:
             if model not in train.TOY:
                 raise ValueError(f"--models: {model!r} is not a toy model ({', '.join(train.TOY)}); use --model PATH")
             print(f"== {model}", flush=True)
-            pipe = train.load_pipe(model, "cpu", torch.float32, None, None, None)
+            pipe = train.load_pipe(model, "cpu", torch.float32, None, a.sample_steps or 20, None)
             rows = method_rows(pipe, model, os.path.join(a.out, model), a, train_reward, prompts, reader,
                                ablation=model == "toy-sd" and not a.no_ablation)
             tables[model] = evaluate_rows(rows, pipe, heldout, list(range(a.seeds)), score, toy.judge,
