@@ -3,7 +3,10 @@
     python sample.py --model PATH --prompt "a cat" [--negative-prompt N] --seed 0 --steps 50 --guidance 7.5 \
                      --height 512 --width 512 [--batch 1] --out cat.png
 
-PATH: a diffusers SD1.x folder (model_index.json), or an SD1.5 single file (.safetensors, with --tokenizer FOLDER).
+PATH: a diffusers SD1.x folder (model_index.json), or an SD1.5 single file (.safetensors, with --tokenizer FOLDER);
+or a diffusers FLUX folder, or a BFL FLUX single file (flux1-dev.safetensors, with --components FOLDER: a diffusers
+FLUX folder for the VAE and text encoders). The architecture is detected (or --arch). FLUX: guidance-distilled (dev,
+--guidance is the distilled scale, default 3.5) or plain (schnell); no negative prompt.
 Seeded exactly like diffusers (a CPU torch.Generator, then one randn of the latent shape), so on a diffusers SD
 folder with a DDIM scheduler the image equals StableDiffusionPipeline's for the same seed. The pipeline's scheduler
 settings (betas, spacing, offset, prediction type) drive our DDIM sampler whatever scheduler class the folder names.
@@ -78,6 +81,41 @@ def sample_sd(pipe: weights.SDPipeline, prompt: str, negative_prompt: str = "", 
     return to_uint8(vae.decode(x_0.to(next(vae.parameters()).dtype)))
 
 
+@torch.no_grad()
+def sample_flux(pipe: weights.FluxPipe, prompt: str, seed: int = 0, steps: int = 50, guidance: float = 3.5,
+                height: int = 1024, width: int = 1024, batch: int = 1,
+                wrap: Callable[[Callable, dict], Callable] | None = None, progress: bool = True) -> np.ndarray:
+    """FLUX text-to-image: T5 + CLIP-pooled text, rectified-flow Euler sampling, VAE decode -> (B, H, W, 3) uint8.
+
+    Seeded as FluxPipeline (CPU generator, one randn of the unpacked latent shape in the model dtype). `wrap(model,
+    cond) -> model` may replace the callable `model(x_t, t, cond) -> v` (e.g. a HyperAlign hypernetwork).
+    """
+    flux, vae = pipe.transformer, pipe.vae
+    param = next(flux.parameters())
+    f = 2 ** (len(vae.config.block_out_channels) - 1)  # VAE down-sampling factor (8 for FLUX)
+    if height % (2 * f) or width % (2 * f):
+        raise ValueError(f"FLUX needs --height and --width that are multiples of {2 * f}, got {height}x{width}")
+    h, w = height // f, width // f  # latent size
+    txt, y = pipe.encode([prompt])
+    txt, y = txt.repeat(batch, 1, 1), y.repeat(batch, 1)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((batch, flux.config.in_channels // 4, h, w), generator=generator, dtype=param.dtype)
+    x_T = sampler.pack(noise.float().to(param.device))  # NOTE: Euler steps in float32 whatever the model dtype
+    cond = sampler.flux_cond(txt, y, sampler.image_ids(batch, h, w, param.device),
+                             guidance if flux.config.guidance_embed else None)
+    model = sampler.flux_model_fn(flux)
+    model = wrap(model, cond) if wrap is not None else model
+    x_0 = sampler.flow_sample(model, x_T, cond, steps, shift=pipe.shift, progress=progress)
+    return to_uint8(vae.decode(sampler.unpack(x_0, h, w).to(next(vae.parameters()).dtype)))
+
+
+def hyper_wrap_flux(folder: str, pipe: weights.FluxPipe, device) -> Callable:
+    """`wrap` for sample_flux: the FLUX callable modulated by a trained HyperAlign hypernetwork (hyperalign.py)."""
+    import hyperalign
+    ha, _ = hyperalign.load(folder, hyperalign.Backbone("flow", pipe.transformer), device)
+    return lambda model, cond: ha.sampler_model(cond)
+
+
 def hyper_wrap(folder: str, pipe: weights.SDPipeline, prompt: str, batch: int, device) -> Callable:
     """`wrap` for sample_sd: the U-Net callable modulated by a trained HyperAlign hypernetwork (hyperalign.py)."""
     import hyperalign
@@ -104,13 +142,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD, CFG), 3.5 (FLUX, distilled)")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=1, help="images for the prompt (latents drawn in one randn)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--out", required=True, help="output image (.png/.jpg/.webp); a batch writes OUT-0.png, ...")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file checkpoint")
+    p.add_argument("--components", default=None, help="diffusers FLUX folder (vae, text encoders), for a FLUX file")
+    p.add_argument("--arch", default=None, choices=["sd", "flux"], help="default: detected from --model")
     p.add_argument("--hyper", default=None, help="a trained HyperAlign folder (train.py --out DIR): sample with its "
                    "LoRA weights; the variant (S / I / P) comes from DIR/config.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +165,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.height % 8 or args.width % 8:
         raise ValueError(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
-    if args.guidance < 0 or args.eta < 0:
+    if (args.guidance is not None and args.guidance < 0) or args.eta < 0:
         raise ValueError("--guidance and --eta must be >= 0")
     if os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out must end in .png, .jpg or .webp, got {args.out!r}")
@@ -142,13 +182,24 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         dtype = getattr(torch, args.dtype) if args.dtype else \
             (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-        arch = detect_arch(args.model)
-        if arch != "sd":
-            raise ValueError(f"{args.model}: {arch} checkpoints are not supported by sample.py yet")
-        pipe = weights.load_sd(args.model, dtype=dtype, device=args.device, tokenizer=args.tokenizer)
-        wrap = hyper_wrap(args.hyper, pipe, args.prompt, args.batch, args.device) if args.hyper else None
-        images = sample_sd(pipe, args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance,
-                           args.height, args.width, args.batch, args.eta, wrap=wrap)
+        arch = args.arch or detect_arch(args.model)
+        if arch == "flux":
+            if args.negative_prompt or args.eta:
+                raise ValueError("FLUX samples without CFG or DDIM noise: --negative-prompt and --eta do not apply")
+            if not os.path.isdir(args.model) and not args.components:
+                raise ValueError(f"{args.model} holds only the FLUX transformer: pass --components FOLDER, a "
+                                 "diffusers FLUX folder with vae/, text_encoder(_2)/, tokenizer(_2)/")
+            pipe = weights.load_flux_pipeline(args.components or args.model, dtype=dtype, device=args.device,
+                                              transformer=None if os.path.isdir(args.model) else args.model)
+            wrap = hyper_wrap_flux(args.hyper, pipe, args.device) if args.hyper else None
+            images = sample_flux(pipe, args.prompt, args.seed, args.steps, 3.5 if args.guidance is None else
+                                 args.guidance, args.height, args.width, args.batch, wrap=wrap)
+        else:
+            pipe = weights.load_sd(args.model, dtype=dtype, device=args.device, tokenizer=args.tokenizer)
+            wrap = hyper_wrap(args.hyper, pipe, args.prompt, args.batch, args.device) if args.hyper else None
+            images = sample_sd(pipe, args.prompt, args.negative_prompt, args.seed, args.steps,
+                               7.5 if args.guidance is None else args.guidance, args.height, args.width,
+                               args.batch, args.eta, wrap=wrap)
         paths = save_images(images, args.out)
     except (ValueError, OSError) as e:  # WeightsError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -537,23 +537,24 @@ class FluxPipe:
 
 
 def load_flux_pipeline(folder: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                       max_length: int = 512) -> FluxPipe:
+                       max_length: int = 512, transformer: str | None = None) -> FluxPipe:
     """A diffusers FLUX folder: transformer/, vae/, text_encoder/ + tokenizer/ (CLIP-L), text_encoder_2/ +
-    tokenizer_2/ (T5-XXL), scheduler/. The VAE may have 16 (FLUX) or 4 (SD layout, toy folders) latent channels."""
+    tokenizer_2/ (T5-XXL), scheduler/. The VAE may have 16 (FLUX) or 4 (SD layout, toy folders) latent channels.
+    `transformer`: a single file (BFL flux1-dev.safetensors) used instead of the folder's transformer/."""
     from transformers import AutoTokenizer
     if not os.path.isdir(folder):
         raise WeightsError(f"no such FLUX pipeline folder: {folder}")
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        if not os.path.isdir(os.path.join(folder, sub)):
+        if not os.path.isdir(os.path.join(folder, sub)) and not (sub == "transformer" and transformer):
             raise WeightsError(f"{folder} is not a diffusers FLUX folder: no {sub}/")
-    transformer = load_flux(os.path.join(folder, "transformer"), dtype=dtype, device=device)
+    model = load_flux(transformer or os.path.join(folder, "transformer"), dtype=dtype, device=device)
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    shift = transformer.config.guidance_embed
+    shift = model.config.guidance_embed
     if os.path.isfile(sched):
         with open(sched) as f:
             shift = bool(json.load(f).get("use_dynamic_shifting", shift))
     return FluxPipe(
-        transformer=transformer, vae=load_vae(os.path.join(folder, "vae"), dtype=dtype, device=device),
+        transformer=model, vae=load_vae(os.path.join(folder, "vae"), dtype=dtype, device=device),
         clip=_load_text_encoder(os.path.join(folder, "text_encoder"), dtype, device),
         clip_tokenizer=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
         t5=_load_text_encoder(os.path.join(folder, "text_encoder_2"), dtype, device),

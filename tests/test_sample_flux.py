@@ -31,7 +31,7 @@ def tiny_clip_text(hidden):
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
 
 
-def tiny_flux_pipeline(folder, guidance: bool):
+def tiny_flux_pipeline(folder, guidance: bool, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6)):
     """A FluxPipeline folder: tiny transformer, 16-channel FLUX VAE, CLIP-L and a small CLIP standing in for T5."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
@@ -42,8 +42,9 @@ def tiny_flux_pipeline(folder, guidance: bool):
         scheduler=FlowMatchEulerDiscreteScheduler(**(DEV if guidance else SCHNELL)), vae=vae,
         text_encoder=tiny_clip_text(10), tokenizer=tiny_clip_tokenizer(folder / "_tok"),
         text_encoder_2=tiny_clip_text(12), tokenizer_2=tiny_clip_tokenizer(folder / "_tok"),
-        transformer=tiny_diffusers_flux(in_channels=64, num_attention_heads=2, attention_head_dim=16,
-                                        axes_dims_rope=(4, 6, 6), guidance_embeds=guidance))
+        transformer=tiny_diffusers_flux(in_channels=64, num_attention_heads=num_attention_heads,
+                                        attention_head_dim=attention_head_dim, axes_dims_rope=axes_dims_rope,
+                                        guidance_embeds=guidance))
     pipe.save_pretrained(folder)
     return pipe
 
@@ -72,3 +73,58 @@ def test_sampling_matches_flux_pipeline(variant, tmp_path):
     err = rel_err(img, ref_img)
     print(f"{variant}: images rel err {err:.2e}")
     assert err < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    """A dev-style folder whose transformer has FLUX.1's head dim 128 (one head), so that its BFL file needs no
+    axes_dim; and that file."""
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("flux")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref = tiny_flux_pipeline(folder, guidance=True, num_attention_heads=1, attention_head_dim=128,
+                                 axes_dims_rope=(16, 56, 56))
+    save_file(weights.flux_diffusers_to_bfl(ref.transformer.state_dict()), str(folder / "flux1-tiny.safetensors"))
+    return folder, ref
+
+
+def test_cli_matches_flux_pipeline_from_folder_and_bfl_file(flux_folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    folder, ref = flux_folder
+    args = ["--prompt", "a red fox", "--seed", "3", "--steps", "3", "--guidance", "4.0", "--height", "32",
+            "--width", "48"]
+    assert sample.main(["--model", str(folder), *args, "--out", str(tmp_path / "a.png")]) == 0
+    assert sample.main(["--model", str(folder / "flux1-tiny.safetensors"), "--components", str(folder), *args,
+                        "--out", str(tmp_path / "b.png")]) == 0
+    ours = np.asarray(Image.open(tmp_path / "a.png")).astype(np.int16)
+    assert np.array_equal(ours, np.asarray(Image.open(tmp_path / "b.png")))
+    with torch.no_grad():
+        theirs = ref(prompt="a red fox", height=32, width=48, num_inference_steps=3, guidance_scale=4.0,
+                     max_sequence_length=77,
+                     generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    theirs = (theirs * 255).round().astype(np.int16)
+    assert ours.shape == theirs.shape == (32, 48, 3)
+    assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01  # uint8 rounding only
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--negative-prompt", "blurry"], "--negative-prompt and --eta do not apply"),
+    (["--model", "FILE"], "holds only the FLUX transformer: pass --components"),
+    (["--model", "FILE", "--components", "nowhere"], "no such FLUX pipeline folder: nowhere"),
+    (["--arch", "flux", "--model", "EMPTY"], "not a diffusers FLUX folder: no transformer/"),
+])
+def test_cli_bad_input_exits_2(flux_folder, tmp_path, capsys, extra, message):
+    import sample
+    folder, _ = flux_folder
+    extra = [a.replace("FILE", str(folder / "flux1-tiny.safetensors")).replace("EMPTY", str(tmp_path)) for a in extra]
+    argv = ["--model", str(folder), "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", *extra,
+            "--out", str(tmp_path / "x.png")]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
