@@ -261,6 +261,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.modulation(vec)
         x_mod = (1 + scale) * self.pre_norm(x) + shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        del x_mod  # one activation less held through attention
         q, k, v = rearrange(qkv, "B L (K N D) -> K B N L D", K=3, N=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe)  # (B, L, W)

@@ -134,7 +134,8 @@ def main():
             times_ref.append(timed(run_ref, device))
         t_ours, t_ref = statistics.median(times_ours), statistics.median(times_ref)
         m_ours, m_ref = peak_memory(run_ours, device), peak_memory(run_ref, device)
-        print(f"{device} {str(dtype).removeprefix('torch.')}: ours {t_ours * 1e3:.1f} ms, diffusers {t_ref * 1e3:.1f} ms "
+        name = f"{device} {str(dtype).removeprefix('torch.')}"
+        print(f"{name}: ours {t_ours * 1e3:.1f} ms, diffusers {t_ref * 1e3:.1f} ms "
               f"(median of {args.runs}), ratio ours/diffusers {t_ours / t_ref:.3f}; peak extra memory per forward: "
               f"ours {m_ours / 2**20:.0f} MiB, diffusers {m_ref / 2**20:.0f} MiB; rel err {err:.1e}")
 
