@@ -132,3 +132,13 @@ def test_sd15_full_size_numeric():
 def test_unsupported_config_raises():
     with pytest.raises(ValueError, match="unsupported"):
         unet_mod.UNetConfig.from_diffusers(dict(addition_embed_type="text_time"))
+
+
+def test_sharded_folder_and_pipeline_folder(tmp_path):
+    ref = randomise(UNet2DConditionModel(**TINY["a"]).eval())
+    ref.save_pretrained(tmp_path / "pipe" / "unet", max_shard_size="100KB")
+    assert any(p.name.endswith(".index.json") for p in (tmp_path / "pipe" / "unet").iterdir())
+    ours = weights.load_unet(str(tmp_path / "pipe"))  # a pipeline folder: its unet/
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 24)
+    with torch.no_grad():
+        assert rel_err(ours(x, 20, context), ref(x, 20, encoder_hidden_states=context).sample) < 1e-4
