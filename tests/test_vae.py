@@ -5,6 +5,7 @@ from conftest import rel_err
 from diffusers import AutoencoderKL as RefVAE
 
 import vae
+import weights
 
 
 @pytest.fixture(autouse=True)
@@ -25,19 +26,19 @@ LAYOUTS = {
 }
 
 
-def tiny_pair(layout: str):
+def tiny_pair(layout: str, folder):
     ref = RefVAE(**TINY, **LAYOUTS[layout]).eval()
     with torch.no_grad():  # randomise everything, incl. norms and biases, so no term can hide behind an init of 0/1
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    ours = vae.AutoencoderKL(vae.VAEConfig.from_diffusers(dict(ref.config))).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    ref.save_pretrained(folder)  # a diffusers vae folder (SD or FLUX layout) through the strict loader
+    return weights.load_vae(str(folder)), ref
 
 
 @pytest.mark.parametrize("layout", ["sd", "flux"])
-def test_vae_parity(layout):
-    ours, ref = tiny_pair(layout)
+def test_vae_parity(layout, tmp_path):
+    ours, ref = tiny_pair(layout, tmp_path / "vae")
+    assert ours.config == vae.VAEConfig.from_diffusers(dict(ref.config))
     x = torch.rand(2, 3, 32, 48) * 2 - 1  # non-square, so a transposed pad or reshape would show
     with torch.no_grad():
         post = ref.encode(x).latent_dist
