@@ -284,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen models (the hypernetwork trains in float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (toy default 1; else torch's)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the frozen model")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     args = p.parse_args(argv)
@@ -301,6 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (150 if toy else 2000)
     args.lr = args.lr or (1e-3 if toy else 1e-4)
     args.sample_steps = args.sample_steps or (20 if toy else None)
+    if toy and args.threads is None:
+        args.threads = 1  # NOTE: toy-sized ops gain little from a 2nd thread and lose 10-30x when the cores are busy
     if toy and args.guidance is None and args.model == "toy-sd":
         args.guidance = 5.0  # the toy U-Net's CFG scale (toy_train.py); the toy FLUX is schnell-style, unguided
     return args
