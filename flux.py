@@ -230,10 +230,9 @@ class DoubleStreamBlock(nn.Module):
         # each stream projects its own q, k, v; attention runs over the concatenation [txt, img]
         img_q, img_k, img_v = self.img_attn.qkv_heads((1 + img_scale1) * self.img_norm1(img) + img_shift1)
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads((1 + txt_scale1) * self.txt_norm1(txt) + txt_shift1)
-        q = torch.cat((txt_q, img_q), dim=2)  # (B, N, L, D)
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe)  # (B, L, W)
+        # NOTE: q, k, v passed as temporaries, so attention can free them once rotated (peak memory)
+        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
+                         torch.cat((txt_v, img_v), dim=2), pe)  # (B, L, W)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -261,10 +260,8 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.modulation(vec)
         x_mod = (1 + scale) * self.pre_norm(x) + shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        del x_mod  # one activation less held through attention
         q, k, v = rearrange(qkv, "B L (K N D) -> K B N L D", K=3, N=self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe)  # (B, L, W)
+        attn = attention(*self.norm(q, k, v), v, pe)  # (B, L, W); normed q, k as temporaries (peak memory)
         return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
 
 
