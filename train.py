@@ -399,7 +399,8 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     metrics = {"variant": cfg.variant, "steps": args.steps, "key_steps": key,
                "trainable_params": sum(p.numel() for p in ha.hypernet.parameters())}
     if not args.no_eval:
-        m, images = evaluate(ha, pipe, reward, eval_prompts, seed=10_000 + args.seed, judge=judge)
+        m, images = evaluate(ha, pipe, reward, eval_prompts, seed=10_000 + args.seed, judge=judge,
+                             batch=args.batch_size)  # per-sample weights: memory grows with the batch
         metrics.update(m)
         save_grid(images, os.path.join(args.out, "samples.png"))
         atomic_write(os.path.join(args.out, "metrics.json"),
