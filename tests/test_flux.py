@@ -102,3 +102,21 @@ def test_full_config_keys_and_shapes_match_diffusers(preset):
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in ref.parameters())
     print(f"{preset}: {len(converted)} tensors, {n / 1e9:.2f} B parameters")
+
+
+def test_bf16_matches_diffusers_in_bf16(tmp_path):
+    """dtype=bfloat16 (real use): close to diffusers run in bf16 too. Not to fp32: both round t to bf16 before the
+    x1000 of the time embedding, as BFL does, which moves the sinusoid by up to ~1 rad."""
+    ref = tiny_diffusers_flux(**TINY["guidance-2heads"])
+    ref.save_pretrained(tmp_path)
+    ours = weights.load_flux(str(tmp_path), dtype=torch.bfloat16)
+    assert ours.img_in.weight.dtype == torch.bfloat16
+    img, img_ids, txt, txt_ids, t, y, g = flux_inputs(ref)
+    args = (img.bfloat16(), img_ids, txt.bfloat16(), txt_ids, t.bfloat16(), y.bfloat16(), g.bfloat16())
+    with torch.no_grad():
+        v = ours(*args)
+        v_ref = diffusers_v(ref.to(torch.bfloat16), *args)
+    assert v.dtype == torch.bfloat16
+    err = rel_err(v, v_ref)
+    print(f"bf16: rel err {err:.2e}")
+    assert err < 2e-2
