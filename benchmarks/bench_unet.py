@@ -62,7 +62,10 @@ def main() -> None:
     p.add_argument("--latent", type=int, default=64, help="latent height = width (64 -> 512x512 images)")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
 
     device = torch.device(args.device)
