@@ -121,20 +121,33 @@ def direct_align_x0(x_t: Tensor, v: Tensor, eps: Tensor, t: Tensor, t_next: Tens
     return (x_next - t_next * eps) / (1 - t_next)
 
 
+class SRPORelative(nn.Module):
+    """SRPO's semantic relative reward for any text-conditioned reward r: (1+k)·r(x, p+ · c) − r(x, p− · c), the
+    control words prepended to the prompt. For a CLIP-cosine reward this equals rewards.RelativeReward's
+    f_img·((1+k) f_txt(p+) − f_txt(p−)) (which `srpo_reward` uses there); NOTE: the generalisation to non-linear
+    text heads (the toy preference model) is ours."""
+    def __init__(self, reward, positive: str = "Realistic photo.", negative: str = "Painting.", k: float = 1.0):
+        super().__init__()
+        self.reward, self.positive, self.negative, self.k = reward, positive, negative, k
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        pos = self.reward(images, [f"{self.positive} {p}" for p in prompts])
+        neg = self.reward(images, [f"{self.negative} {p}" for p in prompts])
+        return (1 + self.k) * pos - neg
+
+
 def srpo_reward(reward, k: float = 1.0):
-    """SRPO's semantic relative reward on the CLIP-style reward inside `reward` (itself, or the only part of a
-    rewards.WeightedSum). NOTE: k (weight of the plain text term) is not published in the abstract; ours k = 1, so the
-    score is the base reward plus the control-word difference ("Realistic photo." vs "Painting.")."""
+    """SRPO's relative reward around `reward` (or the only part of a rewards.WeightedSum): rewards.RelativeReward for
+    a CLIP-style reward, SRPORelative otherwise. NOTE: k is not published in the abstract; ours k = 1, so the score
+    is the plain reward plus the control-word difference ("Realistic photo." vs "Painting.")."""
     import rewards
-    base = reward
     if isinstance(reward, rewards.WeightedSum):
-        clip = [r for r in reward.rewards.values() if isinstance(r, rewards.CLIPReward)]
-        if len(clip) != 1:
-            raise ValueError("SRPO's relative reward needs exactly one CLIP-style reward in the spec")
-        base = clip[0]
-    if not isinstance(base, rewards.CLIPReward):
-        raise ValueError(f"SRPO's relative reward needs a CLIP-style reward, got {type(base).__name__}")
-    return rewards.RelativeReward(base, k=k)
+        if len(reward.rewards) != 1:
+            raise ValueError("SRPO's relative reward wraps one reward; the spec has several")
+        reward = next(iter(reward.rewards.values()))
+    if isinstance(reward, rewards.CLIPReward):
+        return rewards.RelativeReward(reward, k=k)
+    return SRPORelative(reward, k=k)
 
 
 def direct_align_step(sl: StaticLoRA, pipe: train.Pipe, reward, prompts: list[str], gen: torch.Generator) -> dict:

@@ -90,3 +90,20 @@ def test_direct_align_trains_a_static_lora_on_flux():
     with pytest.raises(ValueError, match="rectified-flow"):
         BL.direct_align_step(BL.StaticLoRA(cfg(tiny_pipe("vp")), tiny_pipe("vp").backbone), tiny_pipe("vp"),
                              redness, PROMPTS, torch.Generator())
+
+
+def test_srpo_relative_reward_matches_the_clip_formula_and_wraps_any_reward():
+    seen = []
+
+    def r(images, prompts):                      # records the prompts it scores; depends on them through their length
+        seen.append(list(prompts))
+        return images.mean((1, 2, 3)) * torch.tensor([len(p) for p in prompts], dtype=torch.float32)
+
+    rel = BL.srpo_reward(r, k=1.0)
+    images = torch.rand(2, 3, 4, 4)
+    out = rel(images, PROMPTS)
+    assert seen == [[f"Realistic photo. {p}" for p in PROMPTS], [f"Painting. {p}" for p in PROMPTS]]
+    m = images.mean((1, 2, 3))
+    want = 2 * m * torch.tensor([len(f"Realistic photo. {p}") for p in PROMPTS]) - \
+        m * torch.tensor([len(f"Painting. {p}") for p in PROMPTS])
+    assert torch.allclose(out, want)
