@@ -98,7 +98,7 @@ def plot_curvature(data: dict, path: str, title: str = "") -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = torch.arange(1, data["delta"].shape[0] + 1)
     for name, y, a, x in (("relative distance δ", data["delta"], ax[0], steps),
-                          ("curvature |Δδ|", data["kappa"], ax[1], steps[:-1] + 1)):
+                          ("curvature |Δδ|", data["kappa"], ax[1], steps[:-1])):   # κ_i at step i, as key_steps
         a.plot(x, y.numpy(), color="0.75", lw=0.8)
         a.plot(x, y.mean(1).numpy(), color="C0", lw=2, label="mean")
         for i, s in enumerate(data["key_steps"]):
