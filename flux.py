@@ -177,7 +177,8 @@ class QKNorm(nn.Module):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     """Joint attention with RoPE: (B, N, L, D) x3 -> (B, L, N D)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    q = apply_rope(q, pe)  # one at a time: the unrotated q is freed first (peak memory)
+    k = apply_rope(k, pe)
     x = F.scaled_dot_product_attention(q, k, v)  # (B, N, L, D)
     return rearrange(x, "B N L D -> B L (N D)")
 
@@ -258,8 +259,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         shift, scale, gate = self.modulation(vec)
-        x_mod = (1 + scale) * self.pre_norm(x) + shift
-        qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        qkv, mlp = torch.split(self.linear1((1 + scale) * self.pre_norm(x) + shift),
+                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K N D) -> K B N L D", K=3, N=self.num_heads)
         attn = attention(*self.norm(q, k, v), v, pe)  # (B, L, W); normed q, k as temporaries (peak memory)
         return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
