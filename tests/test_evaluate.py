@@ -67,3 +67,15 @@ def test_bad_arguments_exit_2():
         with pytest.raises(SystemExit) as e:
             E.parse_args(bad)
         assert e.value.code == 2
+
+
+def test_claims_compare_hyperalign_with_the_baselines_and_order_the_variants():
+    row = lambda m, r, j, s: {"method": m, "reward/r": r, "judge/overall": j, "sec_per_image": s,  # noqa: E731
+                              "cost_x_base": s / 1.0}
+    rows = [row("base", 0.1, 0.2, 1.0), row("HyperAlign-S", 0.5, 0.4, 2.0), row("HyperAlign-I", 0.3, 0.5, 1.1),
+            row("static LoRA", 0.4, 0.3, 1.0), row("Best-of-8", 0.6, 0.3, 8.0), row("guidance ρ=1", 0.7, 0.1, 30.0)]
+    text = E.claims(rows, "reward/r")
+    assert "- HyperAlign-S beats static LoRA on reward/r: 0.5000 vs 0.4000" in text
+    assert "- HyperAlign-I does not beat Best-of-8 on reward/r" in text
+    assert "quality order on reward/r: S > I" in text and "quality order on judge/overall: I > S" in text
+    assert "- guidance ρ=1 costs 30.0x the base model; HyperAlign-I 1.1x" in text
