@@ -103,10 +103,10 @@ class Backbone:
     def forward(self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """The modulated model f_{θ+Δθ}(x_t, t, cond) with the samplers' contract, run with the merged weights
         `params` from lora.merged_params (None: the base model)."""
+        dtype = next(self.model.parameters()).dtype               # bf16 models take bf16 inputs; x_t stays fp32
         if self.kind == "vp":
-            args = (x_t, t, cond)
+            args = (x_t.to(dtype), t, cond.to(dtype))
         else:
-            dtype = next(self.model.parameters()).dtype
             g = cond.get("guidance")
             args = (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
                     cond["y"].to(dtype), None if g is None else g.to(dtype))
@@ -116,12 +116,12 @@ class Backbone:
     @torch.no_grad()
     def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor]:
         """Perception encoder E(x_t, t, c) -> tokens (B, L, F), embedding (B, E). Frozen: never any gradient."""
+        dtype = next(self.model.parameters()).dtype
         if self.kind == "vp":
-            h, _, emb = self.model.down(x_t, t, cond)             # h (B, C, h, w), emb (B, 4 C0)
+            h, _, emb = self.model.down(x_t.to(dtype), t, cond.to(dtype))  # h (B, C, h, w), emb (B, 4 C0)
             return rearrange(h, "B C h w -> B (h w) C"), emb
         # NOTE: the paper does not say what encodes x_t for FLUX; ours: the frozen embedders plus the first
         # `encoder_depth` double-stream blocks, image and text tokens together, and the vector embedding.
-        dtype = next(self.model.parameters()).dtype
         g = cond.get("guidance")
         img, txt, vec, _ = self.model.forward_features(
             x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype), cond["y"].to(dtype),
