@@ -117,3 +117,16 @@ def test_sample_cli_with_hyper(tmp_path):
     assert np.array_equal(images["zero"], images["base"])
     assert np.abs(images["trained"] - images["base"]).max() > 0
     assert sample.main([*common, "--hyper", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_bf16_model_with_gradient_checkpointing_trains(tmp_path):
+    """The real-model setting: frozen models in bf16, fp32 latents and hypernetwork, gradient checkpointing."""
+    pipe = tiny_pipe("vp")
+    pipe.backbone.model.to(torch.bfloat16), pipe.vae.to(torch.bfloat16)
+    text = pipe.text
+    pipe.text = lambda p: text(p).to(torch.bfloat16)
+    a = args(tmp_path, "--preset", "toy-sd", "--steps", "2", "--grad-ckpt", "--no-eval")
+    train.run(a, pipe=pipe, reward=redness, prefs_reader=pref_pairs(), prompts=PROMPTS)
+    sd = load_file(tmp_path / "hypernet.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())
+    assert any(k.startswith("b_aux.") and v.abs().sum() > 0 for k, v in sd.items())
