@@ -11,7 +11,7 @@ converted by rules in weights.py. Numerically this is black-forest-labs/flux `mo
     final layer on the img tokens -> v, the velocity of the flow x_t = (1 - t) x0 + t eps
 
 Shapes: B batch, L tokens (L_txt + L_img), C packed latent channels (16 latent channels x 2 x 2 = 64),
-W hidden width, N heads, D head dim (W = N D), K = 3 for (q, k, v).
+W hidden width, M MLP width (4 W), N heads, D head dim (W = N D), K = 3 for (q, k, v).
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """The q/k/v projection and output projection of one stream; the attention itself is joint (see DoubleBlock)."""
+    """The q/k/v projection and output projection of one stream; the attention itself is joint (DoubleStreamBlock)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -214,15 +214,18 @@ class Modulation(nn.Module):
 class DoubleStreamBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
         super().__init__()
-        mlp_hidden = int(hidden_size * mlp_ratio)
+        W, M = hidden_size, int(hidden_size * mlp_ratio)
         self.num_heads = num_heads
-        for s in ("img", "txt"):
-            setattr(self, f"{s}_mod", Modulation(hidden_size, double=True))
-            setattr(self, f"{s}_norm1", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{s}_attn", SelfAttention(hidden_size, num_heads, qkv_bias))
-            setattr(self, f"{s}_norm2", nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6))
-            setattr(self, f"{s}_mlp", nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
-                                                    nn.Linear(mlp_hidden, hidden_size)))
+        self.img_mod = Modulation(W, double=True)
+        self.img_norm1 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(W, num_heads, qkv_bias)
+        self.img_norm2 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = nn.Sequential(nn.Linear(W, M), nn.GELU(approximate="tanh"), nn.Linear(M, W))
+        self.txt_mod = Modulation(W, double=True)
+        self.txt_norm1 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(W, num_heads, qkv_bias)
+        self.txt_norm2 = nn.LayerNorm(W, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = nn.Sequential(nn.Linear(W, M), nn.GELU(approximate="tanh"), nn.Linear(M, W))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
