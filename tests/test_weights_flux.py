@@ -81,6 +81,11 @@ def test_text_encoders_chosen_by_model_type(tmp_path):
         assert type(loaded) is type(model)
         with torch.no_grad():
             assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
+    sd = weights.read_safetensors(str(tmp_path / "clip" / "model.safetensors"))
+    sd.pop(next(k for k in sd if k.endswith("final_layer_norm.weight")))
+    save_file(sd, str(tmp_path / "clip" / "model.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing 1 \(\S*final_layer_norm.weight\)"):
+        weights._load_text_encoder(str(tmp_path / "clip"), None, None)
     (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(WeightsError, match="model_type 'bert'"):
         weights._load_text_encoder(str(tmp_path / "t5"), None, None)
