@@ -173,7 +173,7 @@ from typing import Callable  # noqa: E402
 from einops import rearrange, repeat  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-# Rectified flow (Liu et al. 2022; SD3 eq. 3 with a_t = 1 - t, b_t = t): x_t = (1 - t) x0 + t eps, t from 1 (noise) to
+# Rectified flow (Liu et al. 2022; SD3's x_t = a_t x0 + b_t eps with a_t = 1 - t, b_t = t): x_t = (1 - t) x0 + t eps, t from 1 (noise) to
 # 0 (data); the model predicts the velocity v = dx_t/dt = eps - x0.
 # FLUX works on 2x2-packed latents: (B, C, H, W) -> (B, L = H/2 W/2, 4C) tokens with (0, row, column) position ids.
 
@@ -186,7 +186,7 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
 
 def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
     """t' = e^mu / (e^mu + 1/t - 1): more steps at high noise for larger images; 0 stays 0. The resolution-dependent
-    shift of SD3 (Esser et al. 2024, sec. 5.3.2) with alpha = e^mu, as FLUX uses it."""
+    shift of SD3 (Esser et al. 2024, "resolution-dependent shifting") with alpha = e^mu, as FLUX uses it."""
     return torch.where(t > 0, math.exp(mu) / (math.exp(mu) + 1 / t.clamp_min(1e-30) - 1), torch.zeros_like(t))
 
 
