@@ -173,8 +173,8 @@ from typing import Callable  # noqa: E402
 from einops import rearrange, repeat  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-# Rectified flow (Liu et al. 2022; SD3's x_t = a_t x0 + b_t eps with a_t = 1 - t, b_t = t): x_t = (1 - t) x0 + t eps, t from 1 (noise) to
-# 0 (data); the model predicts the velocity v = dx_t/dt = eps - x0.
+# Rectified flow (Liu et al. 2022; SD3's x_t = a_t x0 + b_t eps with a_t = 1 - t, b_t = t): x_t = (1 - t) x0 + t eps,
+# t from 1 (noise) to 0 (data); the model predicts the velocity v = dx_t/dt = eps - x0.
 # FLUX works on 2x2-packed latents: (B, C, H, W) -> (B, L = H/2 W/2, 4C) tokens with (0, row, column) position ids.
 
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
