@@ -1,7 +1,8 @@
 """HyperAlign's cost: sampling wall time of variants I, P, S relative to the base model, and one training step.
 
 Random weights, same seeds, one prompt with classifier-free guidance (the paper's setting; targets I <= 1.05x,
-S <= 1.5x; the paper reports I ~1.0x, S ~1.3-1.7x):
+S <= 1.5x; the paper reports I ~1.0x, S ~1.3-1.7x), measured end to end and, more robustly on a busy machine, as
+per-call costs (base step, modulated step, hypernetwork call, weight merge) combined into the ratio for 50 steps:
   toy     the toy-sd U-Net (16x16 latents)
   sd15    the SD1.5-size U-Net (860M) at --latent (64 = 512 px; CPU default 32 = 256 px to keep it minutes)
 and one hypernetwork training step on the SD1.5-size U-Net (factors with gradient, one modulated U-Net step under
@@ -88,6 +89,38 @@ def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device:
     return out
 
 
+def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtype, steps: int = 50, k: int = 3) -> dict:
+    """Per-call costs, interleaved and repeated (robust on a busy machine), and the sampling-time ratios they imply
+    for `steps` DDIM steps with CFG: u base step, u_mod modulated step (kept merged weights), h hypernetwork call
+    (perception encoder + decoder), m merging W + s B A.  I = (N u_mod + h + m) / (N u), S = (u_mod + h + m) / u,
+    P = (N u_mod + (K + 1)(h + m)) / (N u)."""
+    unet = ha.backbone.model
+    C, E = unet.config.in_channels, unet.config.cross_attention_dim
+    x = torch.randn(1, C, latent, latent, device=device, dtype=dtype)
+    cond, uncond = torch.randn(1, 77, E, device=device, dtype=dtype), torch.zeros(1, 77, E, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    x2, t2, c2 = torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])
+    with torch.no_grad():
+        params = ha.merged(ha.factors(x, t, cond))
+        calls = {"u": lambda: unet(x2, t2, c2), "u_mod": lambda: ha.backbone.forward(params, x2, t2, c2),
+                 "h": lambda: ha.factors(x, t, cond), "m": lambda: ha.merged(ha.factors(x, t, cond)) and None}
+        times = {k_: [] for k_ in calls}
+        for r in range(reps + 1):
+            for name, fn in calls.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    c = {k_: statistics.median(v) for k_, v in times.items()}
+    c["m"] = max(c["m"] - c["h"], 0.0)                      # m was timed together with a hypernetwork call
+    N, u, um, hm = steps, c["u"], c["u_mod"], c["h"] + c["m"]
+    return {**{f"{k_}_s": round(v, 4) for k_, v in c.items()}, "steps": N,
+            "I_x": round((N * um + hm) / (N * u), 3), "P_x": round((N * um + (k + 1) * hm) / (N * u), 3),
+            "S_x": round((um + hm) / u, 3)}
+
+
 def bench_train_step(ha: H.HyperAlign, latent: int, device: str, dtype, grad_ckpt: bool) -> dict:
     unet = ha.backbone.model
     unet.gradient_checkpointing = grad_ckpt
@@ -125,6 +158,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--skip-sd15", action="store_true")
+    p.add_argument("--components-only", action="store_true",
+                   help="SD1.5: per-call costs and the ratios they imply, no end-to-end sampling (CPU: minutes)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's; 1 on a busy machine)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the training step")
     a = p.parse_args()
@@ -137,11 +172,14 @@ def main() -> None:
            "dtype": str(dtype), "sampling_steps": steps}
     toy = build("toy-sd", a.device, dtype, a.rank)
     res["toy"] = bench_sampling(toy, 16, steps, a.runs, a.device, dtype)
+    res["toy"]["per_call"] = bench_components(toy, 16, 5 * a.runs, a.device, dtype)
     print(json.dumps(res), flush=True)
     if not a.skip_sd15:
         ha = build("sd15", a.device, dtype, a.rank)
-        res["sd15"] = {"latent": latent, "hypernet_params": sum(q.numel() for q in ha.hypernet.parameters()),
-                       **bench_sampling(ha, latent, steps, a.runs, a.device, dtype)}
+        res["sd15"] = {"latent": latent, "hypernet_params": sum(q.numel() for q in ha.hypernet.parameters())}
+        if not a.components_only:
+            res["sd15"].update(bench_sampling(ha, latent, steps, a.runs, a.device, dtype))
+        res["sd15"]["per_call"] = bench_components(ha, latent, a.runs, a.device, dtype)
         print(json.dumps(res), flush=True)
         res["sd15"].update(bench_train_step(ha, latent, a.device, dtype, a.grad_ckpt))
     print(json.dumps(res, indent=2))
