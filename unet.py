@@ -225,7 +225,7 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)  # (B, L, C)
         if self.linear:
             h = self.proj_out(h)
-        h = rearrange(h, "B (H W) C -> B C H W", H=H, W=W)
+        h = rearrange(h, "B (H W) C -> B C H W", H=H, W=W).contiguous()  # NOTE: else convs see channels-last
         if not self.linear:
             h = self.proj_out(h)
         return x + h

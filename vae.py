@@ -96,7 +96,7 @@ class Attention(nn.Module):
         H, W = x.shape[-2:]
         h = rearrange(self.group_norm(x), "B C H W -> B 1 (H W) C")
         h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # (B, 1, L, C)
-        h = rearrange(self.to_out[0](h), "B 1 (H W) C -> B C H W", H=H, W=W)
+        h = rearrange(self.to_out[0](h), "B 1 (H W) C -> B C H W", H=H, W=W).contiguous()
         return x + h
 
 
