@@ -96,13 +96,17 @@ def measure(generate: Generate, pipe: train.Pipe, prompts: list[str], seeds: lis
     parts = reward.forward_parts(flat.to(device), caps)[1] if hasattr(reward, "forward_parts") else {
         "reward": reward(flat.to(device), caps)}
     m.update({f"reward/{k}": v.float().mean().item() for k, v in parts.items()})
+    per = {f"reward/{k}": v.float().cpu().tolist() for k, v in parts.items()}      # for paired comparisons
     if judge is not None:
         import toy
-        m.update({f"judge/{k}": v for k, v in toy.summary(judge(flat, caps), caps).items()})
+        scores = judge(flat, caps)
+        m.update({f"judge/{k}": v for k, v in toy.summary(scores, caps).items()})
+        per["judge/overall"] = scores["overall"].float().tolist()
     if embed is not None:
         m["diversity"] = diversity(torch.stack([embed(im.to(device)).float().cpu() for im in images]))
     m["saturation"] = saturation(flat).mean().item()
     m["sec_per_image"] = min(times)
+    m["per_image"] = per
     return m, images
 
 
@@ -173,7 +177,8 @@ def method_rows(pipe: train.Pipe, preset: str, root: str, a, train_reward, promp
                     prefs_reader)
     rows.append(("static LoRA", sample_with(pipe, lambda c: sl.sampler_model()), {"train_steps": a.train_steps}))
     rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon), {"train_steps": 0}))
-    rows.append((f"guidance ρ={a.rho:g}", guidance_gen(pipe, train_reward, a.rho), {"train_steps": 0}))
+    for rho in a.rho:
+        rows.append((f"guidance ρ={rho:g}", guidance_gen(pipe, train_reward, rho), {"train_steps": 0}))
     if pipe.kind == "flow":
         da = static_run(os.path.join(root, "direct-align"), pipe, preset, a.train_steps, a,
                         da_reward or BL.srpo_reward(train_reward), prompts, None, method="direct-align")
@@ -221,9 +226,19 @@ def markdown(title: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _versus(a: dict, b: dict, key: str) -> str:
+    """'beats' / 'loses to' / 'ties with' by the paired difference over the same prompts and seeds (2 s.e.)."""
+    if "per_image" not in a or "per_image" not in b:
+        return "beats" if a[key] > b[key] else "does not beat"
+    d = torch.tensor(a["per_image"][key]) - torch.tensor(b["per_image"][key])
+    se = d.std() / len(d) ** 0.5 if len(d) > 1 else torch.tensor(0.0)
+    return "beats" if d.mean() > 2 * se else "loses to" if d.mean() < -2 * se else "ties with (within 2 s.e.)"
+
+
 def claims(rows: list[dict], reward_key: str) -> str:
     """The paper's claims checked on one table, as Markdown bullets: HyperAlign vs the static LoRA and Best-of-N on
-    the training reward and the judge; S / P / I ordering of quality and cost; test-time cost vs HyperAlign-I."""
+    the training reward and the judge (paired over the same prompts and seeds); S / P / I ordering of quality and
+    cost; test-time cost vs HyperAlign-I."""
     by = {r["method"]: r for r in rows}
     judge = "judge/overall" if "judge/overall" in rows[0] else None
     ha = [m for m in ("HyperAlign-S", "HyperAlign-P", "HyperAlign-I") if m in by]
@@ -232,9 +247,7 @@ def claims(rows: list[dict], reward_key: str) -> str:
     for m in ha:
         for o in rivals:
             for k in [reward_key] + ([judge] if judge else []):
-                a, b = by[m][k], by[o][k]
-                word = "beats" if a > b else "does not beat"
-                out.append(f"- {m} {word} {o} on {k}: {a:.4f} vs {b:.4f}")
+                out.append(f"- {m} {_versus(by[m], by[o], k)} {o} on {k}: {by[m][k]:.4f} vs {by[o][k]:.4f}")
     if ha:
         def order(k: str, rev: bool) -> str:
             return " > ".join(m.split("-")[1] for m in sorted(ha, key=lambda m: by[m][k], reverse=rev))
@@ -266,7 +279,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (diversity needs >= 2)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py; real: model's)")
     p.add_argument("--bon", type=int, default=8, help="N of Best-of-N")
-    p.add_argument("--rho", type=float, default=1.0, help="gradient guidance step ρ")
+    p.add_argument("--rho", default="0.3,1", help="gradient guidance steps ρ, one row each (comma-separated)")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -276,6 +289,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/table")
     a = p.parse_args(argv)
     a.variants = [v for v in a.variants.split(",") if v]
+    try:
+        a.rho = [float(r) for r in a.rho.split(",") if r]
+    except ValueError:
+        p.error(f"--rho: comma-separated numbers, got {a.rho!r}")
     if any(v not in H.VARIANTS for v in a.variants):
         p.error(f"--variants: each of {H.VARIANTS}")
     for k in ("train_steps", "batch_size", "n_prompts", "seeds", "bon"):
@@ -309,7 +326,8 @@ def main(argv=None) -> None:
             rows.append(("static LoRA", sample_with(pipe, lambda c: sl.sampler_model()),
                          {"train_steps": saved["run"]["steps"]}))
         rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon), {"train_steps": 0}))
-        rows.append((f"guidance ρ={a.rho:g}", guidance_gen(pipe, train_reward, a.rho), {"train_steps": 0}))
+        for rho in a.rho:
+            rows.append((f"guidance ρ={rho:g}", guidance_gen(pipe, train_reward, rho), {"train_steps": 0}))
         tables[a.model] = evaluate_rows(rows, pipe, prompts, list(range(a.seeds)), score, None, clip_embedder(score),
                                         a.device)
         md.append(markdown(a.model, tables[a.model]))

@@ -34,7 +34,8 @@ def test_measure_is_deterministic_and_fills_every_column():
     m1, im1 = E.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
     m2, im2 = E.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
     assert im1.shape == (2, 3, 3, 16, 16) and torch.equal(im1, im2)
-    assert set(m1) == {"reward/reward", "diversity", "saturation", "sec_per_image"}
+    assert set(m1) == {"reward/reward", "diversity", "saturation", "sec_per_image", "per_image"}
+    assert len(m1["per_image"]["reward/reward"]) == 6
     assert m1["reward/reward"] == pytest.approx(m2["reward/reward"]) and m1["diversity"] > 0
     assert m1["sec_per_image"] > 0
 
@@ -42,7 +43,7 @@ def test_measure_is_deterministic_and_fills_every_column():
 @pytest.mark.parametrize("kind", ["vp", "flow"])
 def test_all_rows_train_and_evaluate_on_a_tiny_pipeline(kind, tmp_path):
     pipe = tiny_pipe(kind, steps=2)
-    a = argparse.Namespace(variants=["I", "P"], train_steps=1, batch_size=2, lr=1e-2, seed=0, bon=2, rho=1.0)
+    a = argparse.Namespace(variants=["I", "P"], train_steps=1, batch_size=2, lr=1e-2, seed=0, bon=2, rho=[1.0])
     preset = "toy-sd" if kind == "vp" else "toy-flux"
     rows = E.method_rows(pipe, preset, str(tmp_path), a, redness, PROMPTS, pref_pairs(), ablation=kind == "vp",
                          da_reward=redness)
@@ -63,7 +64,7 @@ def test_all_rows_train_and_evaluate_on_a_tiny_pipeline(kind, tmp_path):
 
 
 def test_bad_arguments_exit_2():
-    for bad in (["--variants", "X"], ["--seeds", "0"], ["--train-steps", "-1"]):
+    for bad in (["--variants", "X"], ["--seeds", "0"], ["--train-steps", "-1"], ["--rho", "a"]):
         with pytest.raises(SystemExit) as e:
             E.parse_args(bad)
         assert e.value.code == 2
@@ -76,6 +77,14 @@ def test_claims_compare_hyperalign_with_the_baselines_and_order_the_variants():
             row("static LoRA", 0.4, 0.3, 1.0), row("Best-of-8", 0.6, 0.3, 8.0), row("guidance ρ=1", 0.7, 0.1, 30.0)]
     text = E.claims(rows, "reward/r")
     assert "- HyperAlign-S beats static LoRA on reward/r: 0.5000 vs 0.4000" in text
-    assert "- HyperAlign-I does not beat Best-of-8 on reward/r" in text
+    assert "- HyperAlign-I does not beat Best-of-8 on reward/r" in text          # no per-image values: plain means
     assert "quality order on reward/r: S > I" in text and "quality order on judge/overall: I > S" in text
     assert "- guidance ρ=1 costs 30.0x the base model; HyperAlign-I 1.1x" in text
+
+
+def test_paired_comparison_says_tie_within_noise():
+    a = {"r": 0.51, "per_image": {"r": [0.5, 0.6, 0.4, 0.55]}}
+    b = {"r": 0.50, "per_image": {"r": [0.6, 0.4, 0.5, 0.5]}}
+    c = {"r": 0.40, "per_image": {"r": [0.4, 0.5, 0.3, 0.45]}}
+    assert E._versus(a, b, "r").startswith("ties with") and E._versus(a, c, "r") == "beats"
+    assert E._versus(c, a, "r") == "loses to"
