@@ -203,28 +203,26 @@ MIN_AREA = 16           # components smaller than this are specks, not objects (
 MAX_DIST = 0.45         # a pixel further than this from every palette colour is 'other' (not any colour)
 
 
-def _components(cls: torch.Tensor, n_iter: int = 64) -> torch.Tensor:
-    """4-connected components of equal class (cls: (B, H, W) long, 0 = background): label = min pixel index + 1."""
+def _components(cls: np.ndarray) -> np.ndarray:
+    """4-connected components of equal class (cls: (B, H, W) ints, 0 = background): label = min pixel index + 1.
+
+    Labels are relaxed to the minimum over same-class neighbours until nothing changes (numpy: single-threaded).
+    """
     B, H, W = cls.shape
-    idx = torch.arange(1, H * W + 1, dtype=torch.long).view(1, H, W).expand(B, H, W)
     big = H * W + 1
-    lab = torch.where(cls > 0, idx, torch.full_like(idx, big))
-    for _ in range(n_iter):
-        new = lab.clone()
-        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-            nb_lab = torch.roll(lab, (dy, dx), (1, 2))
-            nb_cls = torch.roll(cls, (dy, dx), (1, 2))
-            valid = torch.ones_like(cls, dtype=torch.bool)      # no wrap-around at the borders
-            if dy == 1: valid[:, 0] = False
-            if dy == -1: valid[:, -1] = False
-            if dx == 1: valid[:, :, 0] = False
-            if dx == -1: valid[:, :, -1] = False
-            same = valid & (nb_cls == cls) & (cls > 0)
-            new = torch.where(same, torch.minimum(new, nb_lab), new)
-        if torch.equal(new, lab):
-            break
+    lab = np.where(cls > 0, np.arange(1, H * W + 1).reshape(1, H, W), big)
+    # same-class links to the right and downwards (the other two directions are the same links seen backwards)
+    right = (cls[:, :, 1:] == cls[:, :, :-1]) & (cls[:, :, 1:] > 0)
+    down = (cls[:, 1:, :] == cls[:, :-1, :]) & (cls[:, 1:, :] > 0)
+    while True:
+        new = lab.copy()
+        new[:, :, :-1] = np.where(right, np.minimum(new[:, :, :-1], lab[:, :, 1:]), new[:, :, :-1])
+        new[:, :, 1:] = np.where(right, np.minimum(new[:, :, 1:], lab[:, :, :-1]), new[:, :, 1:])
+        new[:, :-1, :] = np.where(down, np.minimum(new[:, :-1, :], lab[:, 1:, :]), new[:, :-1, :])
+        new[:, 1:, :] = np.where(down, np.minimum(new[:, 1:, :], lab[:, :-1, :]), new[:, 1:, :])
+        if np.array_equal(new, lab):
+            return np.where(cls > 0, lab, 0)
         lab = new
-    return torch.where(cls > 0, lab, torch.zeros_like(lab))
 
 
 def _shape_of(mask: np.ndarray) -> str:
@@ -243,12 +241,10 @@ def _shape_of(mask: np.ndarray) -> str:
 
 def detect(images: torch.Tensor) -> list[list[dict]]:
     """Objects found in each image: [{'colour', 'shape', 'cx', 'cy', 'area'}] (nearest-palette pixels, components)."""
-    x = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)        # (B, H, W, 3)
-    d = torch.cdist(x.reshape(-1, 3), _PAL).view(*x.shape[:3], -1)          # (B, H, W, K)
-    dist, cls = d.min(-1)
-    cls = torch.where(dist <= MAX_DIST, cls, torch.zeros_like(cls))       # 'other' pixels count as background
-    lab = _components(cls).numpy()
-    cls = cls.numpy()
+    x = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()      # (B, H, W, 3)
+    d = np.linalg.norm(x[..., None, :] - _PAL.numpy(), axis=-1)                    # (B, H, W, K)
+    cls = np.where(d.min(-1) <= MAX_DIST, d.argmin(-1), 0)     # 'other' pixels (far from every colour) are background
+    lab = _components(cls)
     found = []
     for b in range(x.shape[0]):
         objs = []
@@ -364,3 +360,102 @@ def write_tokenizer(folder: str) -> None:
 def load_tokenizer(folder: str | None = None):
     from transformers import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(folder or os.path.join(SD_DIR, "tokenizer"))
+
+
+# ----------------------------------------------------------------------------------------------------------- rewards
+# Both follow rewards.py's contract: reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,), differentiable in the
+# images, frozen. They are registered in rewards.REWARDS as "toy-clip" and "toy-pref" (path optional: the shipped one).
+from torch import nn  # noqa: E402
+
+import rewards  # noqa: E402
+
+
+def toy_clip_score(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> "rewards.CLIPReward":
+    """CLIP score (Hessel et al. 2021) with the toy CLIP: 100 · cos(f_img, f_txt)."""
+    folder = path or CLIP_DIR
+    return rewards.CLIPReward(rewards.load_clip_model(folder, device, dtype),
+                              rewards.load_clip_tokenizer(tokenizer, folder), scale=100.0).freeze()
+
+
+class PrefHead(nn.Module):
+    """HPS-like head: r = cos(img(f_img), txt(f_txt)) + softplus(a) cos_CLIP, where f_img = [CLS, mean patch token]
+    of the toy CLIP's vision tower, f_txt its pooled text state, and cos_CLIP the CLIP's own image-text cosine."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.img = nn.Sequential(nn.Linear(2 * width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.txt = nn.Linear(width, width)
+        self.a = nn.Parameter(torch.zeros(()))      # weight of the CLIP alignment term, softplus(0) = 0.69
+
+    def forward(self, f_img: torch.Tensor, f_txt: torch.Tensor) -> torch.Tensor:
+        E = self.width                              # f_img (B, 3E) = [CLS, patches, CLIP embedding]; f_txt (B, 2E)
+        clip = F.cosine_similarity(f_img[:, 2 * E:], f_txt[:, E:], dim=-1)
+        return F.cosine_similarity(self.img(f_img[:, :2 * E]), self.txt(f_txt[:, :E]), dim=-1) + F.softplus(self.a) * clip
+
+
+class ToyPreference(rewards.Reward):
+    """The toy preference model: PrefHead on the frozen toy CLIP's towers, trained with a Bradley-Terry loss on the
+    toy preference pairs (as HPS is trained on HPD's)."""
+
+    def __init__(self, clip, tokenizer, head: PrefHead):
+        super().__init__()
+        self.clip, self.tokenizer, self.head = clip, tokenizer, head
+        self.freeze()
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.clip.vision_model(pixel_values=rewards.clip_preprocess(images, SIZE).to(self.clip.logit_scale.dtype))
+        cls = out.pooler_output
+        return torch.cat([cls, out.last_hidden_state[:, 1:].mean(1), self.clip.visual_projection(cls)], -1).float()
+
+    @torch.no_grad()
+    def text_features(self, prompts) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(self.clip.logit_scale.device)
+        pooled = self.clip.text_model(input_ids=ids).pooler_output
+        return torch.cat([pooled, self.clip.text_projection(pooled)], -1).float()  # (B, 2E)
+
+    def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        rewards.check_inputs(images, prompts)
+        return self.head(self.image_features(images), self.text_features(prompts))
+
+
+def toy_preference(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> ToyPreference:
+    """The shipped toy preference model (assets/toy/pref/: config.json naming its CLIP folder, head weights)."""
+    from weights import build_and_load, read_config, read_safetensors
+    folder = path or PREF_DIR
+    cfg = read_config(folder)
+    clip_folder = os.path.normpath(os.path.join(folder, cfg["clip"]))
+    head = build_and_load(lambda: PrefHead(cfg["width"]), read_safetensors(os.path.join(folder, "model.safetensors")),
+                          f"toy preference head {folder}", dtype, device)
+    return ToyPreference(rewards.load_clip_model(clip_folder, device, dtype),
+                         rewards.load_clip_tokenizer(tokenizer, clip_folder), head)
+
+
+rewards.REWARDS.update({"toy-clip": toy_clip_score, "toy-pref": toy_preference})
+
+
+# ------------------------------------------------------------------------------------------------------------ assets
+
+def main(argv: list[str]) -> int:
+    """`python toy.py build [--preset full|smoke] [--root DIR] [--stages clip,vae,...]`: rebuild the shipped files."""
+    import argparse
+    import toy_train
+    p = argparse.ArgumentParser(description="Rebuild the toy world's shipped models and data (assets/toy/).")
+    p.add_argument("command", choices=["build"])
+    p.add_argument("--preset", default="full", choices=sorted(toy_train.PRESETS))
+    p.add_argument("--root", default=ROOT)
+    p.add_argument("--stages", default=",".join(toy_train.STAGES),
+                   help=f"comma-separated subset of {','.join(toy_train.STAGES)}; later stages read earlier ones' files")
+    a = p.parse_args(argv)
+    stages = tuple(s for s in a.stages.split(",") if s)
+    bad = [s for s in stages if s not in toy_train.STAGES]
+    if bad:
+        print(f"error: unknown stages {bad}; known: {','.join(toy_train.STAGES)}", file=sys.stderr)
+        return 2
+    toy_train.build(a.preset, a.root, stages)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

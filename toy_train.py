@@ -30,29 +30,29 @@ import toy
 @dataclass
 class BuildConfig:
     seed: int = 0
-    threads: int = 2
+    threads: int = 1                  # NOTE: 1 is fastest on a shared 2-core machine (OpenMP threads spin)
     # CLIP
-    clip_steps: int = 1500
-    clip_batch: int = 128              # half train prompts, half their hard-negative twins
+    clip_steps: int = 800
+    clip_batch: int = 64               # half train prompts, half their hard-negative twins
     clip_lr: float = 1e-3
     clip_width: int = 64               # text and vision width E; also the projection width
     clip_layers: tuple[int, int] = (2, 3)   # (text, vision) transformer layers
     # VAE
-    vae_steps: int = 600
-    vae_batch: int = 32
+    vae_steps: int = 1200
+    vae_batch: int = 24
     vae_lr: float = 3e-3
     vae_channels: tuple[int, ...] = (16, 32, 32)
     vae_kl: float = 1e-6
     # diffusion data: renders of train prompts encoded once
     latents: int = 16384
     # U-Net
-    unet_steps: int = 3000
-    unet_batch: int = 128
-    unet_lr: float = 1e-3
+    unet_steps: int = 2000
+    unet_batch: int = 64
+    unet_lr: float = 2e-3
     cfg_dropout: float = 0.1
     # FLUX
-    flux_steps: int = 3000
-    flux_batch: int = 128
+    flux_steps: int = 2000
+    flux_batch: int = 64
     flux_lr: float = 1e-3
     # preference model
     pref_pairs: int = 4000             # shipped in prefs.parquet
@@ -78,7 +78,14 @@ FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below":
 
 
 def twin(caption: str, rng: random.Random) -> str:
-    """A hard negative: the same words re-bound (swapped colours or shapes) or the relation reversed."""
+    """A hard negative of a train caption: the same words re-bound (swapped colours or shapes) or the relation
+    reversed; always a train caption too (a re-binding that lands on a held-out prompt falls back to the reversal)."""
+    t = _twin(caption, rng)
+    return t if toy.is_heldout(t) == toy.is_heldout(caption) else str(toy.Prompt(toy.parse(caption).objects,
+                                                                                  FLIP[toy.parse(caption).relation]))
+
+
+def _twin(caption: str, rng: random.Random) -> str:
     p = toy.parse(caption)
     if p.relation is None:
         o = p.objects[0]
@@ -97,11 +104,15 @@ def twin(caption: str, rng: random.Random) -> str:
 class Stream:
     """Renders of train prompts with ever-new seeds: an endless, reproducible data stream."""
 
-    def __init__(self, seed: int, split: str = "train"):
+    def __init__(self, seed: int, split: str = "train", singles: float = 0.0):
         self.rng, self.prompts, self.next_seed = random.Random(seed), toy.prompts(split), seed * 10_000_000
+        self.singles = singles      # probability of a one-object prompt (else uniform over all prompts of the split)
 
     def captions(self, n: int) -> list[str]:
-        return [self.rng.choice(self.prompts) for _ in range(n)]
+        if not self.singles:
+            return [self.rng.choice(self.prompts) for _ in range(n)]
+        return [self.rng.choice(self.prompts[:18] if self.rng.random() < self.singles else self.prompts[18:])
+                for _ in range(n)]
 
     def render(self, captions: list[str]) -> torch.Tensor:
         x = toy.render_batch(captions, self.next_seed)  # (B, 3, H, W) in [0, 1]
@@ -116,6 +127,15 @@ def tokenize(tokenizer, captions: list[str], length: int = 77) -> torch.Tensor:
 def _opt(params, lr: float, steps: int):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.05)
+
+
+def _step(opt, sched, loss: torch.Tensor, clip: torch.nn.Module | None = None) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
 # ------------------------------------------------------------------------------------------------------------- CLIP
@@ -151,10 +171,7 @@ def train_clip(cfg: BuildConfig, tokenizer):
         # NOTE: 16 tokens while training: the text tower is causal and pools at the first EOS, so the features are
         # the same as with SD's 77-token padding and the positions after 16 are never used by the loss.
         out = model(input_ids=tokenize(tokenizer, caps, 16), pixel_values=pixels(data.render(caps)), return_loss=True)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, out.loss)
         bar.set_postfix(loss=f"{out.loss.item():.3f}")
     return model.eval().requires_grad_(False)
 
@@ -205,10 +222,7 @@ def train_vae(cfg: BuildConfig):
         rec = (x_rec - x).abs().mean() + (x_rec - x).square().mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
         loss = rec + cfg.vae_kl * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
     model.eval().requires_grad_(False)
     with torch.no_grad():
@@ -231,8 +245,11 @@ def vae_psnr(vae, split: str = "heldout", n: int = 256) -> float:
 
 @torch.no_grad()
 def encode_dataset(cfg: BuildConfig, vae, n: int) -> tuple[torch.Tensor, list[str]]:
-    """n renders of train prompts -> scaled latents (n, 4, 8, 8) and their captions: the diffusion training set."""
-    data, zs, caps = Stream(cfg.seed + 4), [], []
+    """n renders of train prompts -> scaled latents (n, 4, 8, 8) and their captions: the diffusion training set.
+
+    NOTE: one-object prompts are 18 of the 684 train prompts; they are drawn 20% of the time so that the base models
+    learn to draw one object when asked for one."""
+    data, zs, caps = Stream(cfg.seed + 4, singles=0.2), [], []
     for _ in tqdm(range(0, n, 256), desc="encode"):
         c = data.captions(256)
         zs.append(vae.encode(data.render(c) * 2 - 1))
@@ -247,9 +264,9 @@ def unet_diffusers_config(cfg: BuildConfig) -> dict:
     return {"_class_name": "UNet2DConditionModel", "sample_size": toy.SIZE // 4, "in_channels": 4, "out_channels": 4,
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": [64, 128, 128], "layers_per_block": 1,
-            "attention_head_dim": 4,  # NOTE: diffusers' SD1.x naming: this is the number of heads
-            "cross_attention_dim": cfg.clip_width, "norm_num_groups": 16, "norm_eps": 1e-5, "act_fn": "silu",
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": [32, 64, 64], "layers_per_block": 1,
+            "attention_head_dim": 2,  # NOTE: diffusers' SD1.x naming: this is the number of heads
+            "cross_attention_dim": cfg.clip_width, "norm_num_groups": 8, "norm_eps": 1e-5, "act_fn": "silu",
             "flip_sin_to_cos": True, "freq_shift": 0, "use_linear_projection": False, "center_input_sample": False,
             "downsample_padding": 1, "mid_block_scale_factor": 1}
 
@@ -293,11 +310,7 @@ def train_unet(cfg: BuildConfig, z0: torch.Tensor, caps: list[str], ctx: dict):
         eps = torch.randn(z0[idx].shape, generator=g)
         x_t = add_noise(z0[idx], eps, schedule.alpha_bar[t].view(-1, 1, 1, 1))
         loss = F.mse_loss(model(x_t, t, context), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss, model)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval().requires_grad_(False)
 
@@ -320,23 +333,17 @@ FLUX_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_
 _TO_DIFFUSERS = [
     (r"^img_in\.", "x_embedder."), (r"^txt_in\.", "context_embedder."),
     (r"^time_in\.", "time_text_embed.timestep_embedder."), (r"^guidance_in\.", "time_text_embed.guidance_embedder."),
-    (r"^vector_in\.", "time_text_embed.text_embedder."),
-    (r"embedder\.in_layer\.", "embedder.linear_1."), (r"embedder\.out_layer\.", "embedder.linear_2."),
-    (r"^double_blocks\.(\d+)\.", r"transformer_blocks.\1."),
-    (r"^single_blocks\.(\d+)\.", r"single_transformer_blocks.\1."),
-    (r"\.img_mod\.lin\.", ".norm1.linear."), (r"\.txt_mod\.lin\.", ".norm1_context.linear."),
-    (r"\.img_attn\.norm\.query_norm\.scale$", ".attn.norm_q.weight"),
-    (r"\.img_attn\.norm\.key_norm\.scale$", ".attn.norm_k.weight"),
-    (r"\.txt_attn\.norm\.query_norm\.scale$", ".attn.norm_added_q.weight"),
-    (r"\.txt_attn\.norm\.key_norm\.scale$", ".attn.norm_added_k.weight"),
+    (r"^vector_in\.", "time_text_embed.text_embedder."), (r"embedder\.in_layer\.", "embedder.linear_1."),
+    (r"embedder\.out_layer\.", "embedder.linear_2."), (r"^double_blocks\.(\d+)\.", r"transformer_blocks.\1."),
+    (r"^single_blocks\.(\d+)\.", r"single_transformer_blocks.\1."), (r"\.img_mod\.lin\.", ".norm1.linear."),
+    (r"\.txt_mod\.lin\.", ".norm1_context.linear."), (r"\.img_attn\.norm\.(query|key)_norm\.scale$", r".attn.norm_\1."),
+    (r"\.txt_attn\.norm\.(query|key)_norm\.scale$", r".attn.norm_added_\1."),
     (r"\.img_attn\.proj\.", ".attn.to_out.0."), (r"\.txt_attn\.proj\.", ".attn.to_add_out."),
     (r"\.img_mlp\.0\.", ".ff.net.0.proj."), (r"\.img_mlp\.2\.", ".ff.net.2."),
     (r"\.txt_mlp\.0\.", ".ff_context.net.0.proj."), (r"\.txt_mlp\.2\.", ".ff_context.net.2."),
-    (r"\.modulation\.lin\.", ".norm.linear."),
-    (r"^(single_transformer_blocks\.\d+)\.norm\.query_norm\.scale$", r"\1.attn.norm_q.weight"),
-    (r"^(single_transformer_blocks\.\d+)\.norm\.key_norm\.scale$", r"\1.attn.norm_k.weight"),
-    (r"\.linear2\.", ".proj_out."),
-    (r"^final_layer\.adaLN_modulation\.1\.", "norm_out.linear."), (r"^final_layer\.linear\.", "proj_out."),
+    (r"\.modulation\.lin\.", ".norm.linear."), (r"\.norm\.(query|key)_norm\.scale$", r".attn.norm_\1."),
+    (r"\.linear2\.", ".proj_out."), (r"^final_layer\.adaLN_modulation\.1\.", "norm_out.linear."),
+    (r"^final_layer\.linear\.", "proj_out."), (r"_query\.$", "_q.weight"), (r"_key\.$", "_k.weight"),
 ]
 
 
@@ -381,21 +388,277 @@ def train_flux(cfg: BuildConfig, z0: torch.Tensor, caps: list[str], ctx: dict):
     opt, sched = _opt(model.parameters(), cfg.flux_lr, cfg.flux_steps)
     g = torch.Generator().manual_seed(cfg.seed + 6)
     B, (H, W) = cfg.flux_batch, z0.shape[-2:]
-    img_ids, txt_ids = image_ids(B, H, W), torch.zeros(B, 77, 3)
+    img_ids, txt_ids = image_ids(B, H, W), torch.zeros(B, 16, 3)
     bar = tqdm(range(cfg.flux_steps), desc="FLUX")
     for _ in bar:
         idx = torch.randint(len(z0), (B,), generator=g)
-        txt = torch.stack([ctx[caps[i]][0] for i in idx.tolist()])     # (B, 77, E)
+        txt = torch.stack([ctx[caps[i]][0][:16] for i in idx.tolist()])  # (B, 16, E): text_encoder_2's context
         y = torch.stack([ctx[caps[i]][1] for i in idx.tolist()])       # (B, E)
         x0 = pack(z0[idx])                                              # (B, L, 16)
         eps = torch.randn(x0.shape, generator=g)
         t = torch.sigmoid(torch.randn(B, generator=g))
         x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * eps
         loss = F.mse_loss(model(x_t, img_ids, txt, txt_ids, t, y), eps - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss, model)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------------------ prefs
+
+DEGRADATIONS = ("blur", "noise", "washed", "cast", "wrong")
+
+
+def degrade(caption: str, seed: int, kind: str, rng: random.Random):
+    """The rejected image of a pair: the clean render degraded, or a render of a wrong-attribute twin caption."""
+    from PIL import ImageFilter
+    if kind == "wrong":
+        return toy.render(twin(caption, rng), seed)
+    img = toy.render(caption, seed)
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 1.5)))
+    x = toy.to_tensor([img])
+    if kind == "noise":
+        x = x + rng.uniform(0.08, 0.2) * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    elif kind == "washed":
+        a = rng.uniform(0.3, 0.6)
+        x = (1 - a) * x + a * 0.5
+    else:  # a colour cast on one channel
+        x[:, rng.randrange(3)] += rng.uniform(0.25, 0.5)
+    return toy.to_pil(x.clamp(0, 1))[0]
+
+
+def make_pairs(n: int, split: str, seed: int) -> list[tuple[str, object, object, str]]:
+    """n (caption, chosen, rejected, kind) with PIL images; kinds cycle through DEGRADATIONS."""
+    rng, ps = random.Random(seed), toy.prompts(split)
+    out = []
+    for i in range(n):
+        c, kind = rng.choice(ps), DEGRADATIONS[i % len(DEGRADATIONS)]
+        out.append((c, toy.render(c, seed * 10**6 + i), degrade(c, seed * 10**6 + i, kind, rng), kind))
+    return out
+
+
+def write_prefs_parquet(pairs, path: str, seed: int) -> None:
+    """Pick-a-Pic v2 layout: caption, jpg_0, jpg_1 (image bytes; PNG here, lossless), label_0, label_1."""
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng, rows = random.Random(seed), []
+    for caption, chosen, rejected, _ in pairs:
+        first = rng.random() < 0.5       # the preferred image on either side, as in Pick-a-Pic
+        a, b = (chosen, rejected) if first else (rejected, chosen)
+        rows.append({"caption": caption, "jpg_0": png(a), "jpg_1": png(b), "label_0": float(first),
+                     "label_1": float(not first)})
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=512)
+
+
+@torch.no_grad()
+def _pair_features(model: "toy.ToyPreference", pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    caps = [p[0] for p in pairs]
+    f_txt = torch.cat([model.text_features(caps[i:i + 512]) for i in range(0, len(caps), 512)])
+    feats = [torch.cat([model.image_features(toy.to_tensor([p[j] for p in pairs[i:i + 512]]))
+                        for i in range(0, len(pairs), 512)]) for j in (1, 2)]
+    return f_txt, feats[0], feats[1]
+
+
+def build_prefs(cfg: BuildConfig, root: str) -> dict:
+    """prefs.parquet from train prompts, then the preference head: Bradley-Terry on (chosen, rejected) pairs,
+    -log sigmoid(s (r_chosen - r_rejected)) with s = 20 (r is a cosine). Reports pair accuracy on held-out prompts."""
+    import rewards
+    import weights
+    pairs = make_pairs(cfg.pref_pairs, "train", cfg.seed + 7)
+    write_prefs_parquet(pairs, os.path.join(root, "prefs.parquet"), cfg.seed + 8)
+    clip = rewards.load_clip_model(os.path.join(root, "clip"))
+    tokenizer = weights.load_tokenizer(os.path.join(root, "clip"))
+    torch.manual_seed(cfg.seed)
+    model = toy.ToyPreference(clip, tokenizer, toy.PrefHead(cfg.clip_width))
+    head = model.head.requires_grad_(True)
+    f_txt, f_c, f_r = _pair_features(model, pairs)
+    opt, sched = _opt(head.parameters(), 3e-3, cfg.pref_steps)
+    g = torch.Generator().manual_seed(cfg.seed + 9)
+    for _ in tqdm(range(cfg.pref_steps), desc="preference head"):
+        i = torch.randint(len(pairs), (256,), generator=g)
+        loss = -F.logsigmoid(20 * (head(f_c[i], f_txt[i]) - head(f_r[i], f_txt[i]))).mean()
+        _step(opt, sched, loss)
+    head.eval().requires_grad_(False)
+    _save(head, os.path.join(root, "pref"), {"clip": "../clip", "width": cfg.clip_width}, "model.safetensors")
+    test = make_pairs(500, "heldout", cfg.seed + 10)
+    f_txt, f_c, f_r = _pair_features(model, test)
+    right = (head(f_c, f_txt) > head(f_r, f_txt)).float()
+    out = {"pref_acc_heldout": right.mean().item()}
+    out.update({f"pref_acc_heldout_{k}": right[[i for i, p in enumerate(test) if p[3] == k]].mean().item()
+                for k in DEGRADATIONS})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- evaluate
+
+@torch.no_grad()
+def sample_sd(pipe, captions: list[str], seed: int = 0, steps: int = 25, guidance: float = 5.0) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from an SDPipeline (weights.load_sd): DDIM + classifier-free guidance."""
+    from sampler import VPSchedule, ddim_sample
+    context, uncond = pipe.encode_prompt(captions), pipe.encode_prompt([""] * len(captions))
+    g = torch.Generator().manual_seed(seed)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    x_T = torch.randn(len(captions), 4, toy.SIZE // f, toy.SIZE // f, generator=g)
+    z0 = ddim_sample(pipe.unet, x_T, context, VPSchedule.from_config(pipe.scheduler), steps, uncond=uncond,
+                     guidance=guidance)
+    return (pipe.vae.decode(z0).clamp(-1, 1) + 1) / 2
+
+
+@torch.no_grad()
+def sample_flux(pipe, captions: list[str], seed: int = 0, steps: int = 25) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from a FluxPipe (weights.load_flux_pipeline): Euler on the rectified flow."""
+    from sampler import flow_sample, flux_cond, flux_model_fn, image_ids, pack, unpack
+    txt, y = pipe.encode(captions)
+    g = torch.Generator().manual_seed(seed)
+    h = toy.SIZE // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    x_T = pack(torch.randn(len(captions), pipe.vae.config.latent_channels, h, h, generator=g))
+    z0 = flow_sample(flux_model_fn(pipe.transformer), x_T, flux_cond(txt, y, image_ids(len(captions), h, h)), steps,
+                     shift=pipe.shift)
+    return (pipe.vae.decode(unpack(z0, h, h)).clamp(-1, 1) + 1) / 2
+
+
+GRID_PROMPTS = ["a red circle left of a blue square", "a yellow triangle above a green circle",         # train
+                "a magenta square right of a cyan circle", "a blue triangle below a red circle",       # train
+                "a red square left of a green circle", "a cyan triangle above a magenta square",       # held out
+                "a yellow circle", "a blue triangle"]                                                  # train
+
+
+def evaluate(cfg: BuildConfig, root: str) -> dict:
+    """Judge accuracy of the base models on train and held-out prompts at the default settings; sample grids."""
+    import weights
+    out = {}
+    sd = weights.load_sd(os.path.join(root, "sd"))
+    fx = weights.load_flux_pipeline(os.path.join(root, "flux"))
+    samplers = {"sd": lambda c, s: sample_sd(sd, c, s, cfg.sd_steps, cfg.sd_cfg),
+                "flux": lambda c, s: sample_flux(fx, c, s, cfg.flux_sample_steps)}
+    for name, sample in samplers.items():
+        for split in ("train", "heldout"):
+            caps = toy.eval_prompts(split, cfg.eval_prompts)
+            x = torch.cat([sample(caps, seed) for seed in (0, 1)])
+            res = toy.summary(toy.judge(x, caps + caps), caps + caps)
+            out.update({f"{name}_{split}_{k}": v for k, v in res.items()})
+            print(name, split, res, flush=True)
+        rows = [sample(GRID_PROMPTS, seed) for seed in range(4)]
+        toy.grid(torch.cat([toy.render_batch(GRID_PROMPTS, 0)] + rows)).save(os.path.join(root, f"{name}_grid.png"))
+    toy.grid(toy.render_batch(toy.eval_prompts("all", 64), 0)).save(os.path.join(root, "world_grid.png"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ build
+
+def _json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _save(module_or_sd, folder: str, config: dict, name: str = "diffusion_pytorch_model.safetensors") -> None:
+    from safetensors.torch import save_file
+    sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(folder, name))
+    _json(os.path.join(folder, "config.json"), config)
+
+
+def save_text_encoders(clip, root: str) -> None:
+    """The CLIP text tower as SD's text_encoder/ and FLUX's text_encoder/ (pooled y) + text_encoder_2/ (txt).
+
+    NOTE: FLUX's text_encoder_2 (T5 in FLUX.1) is the same tower with its position table cut to 16 entries: the tower
+    is causal, so its first 16 hidden states are unchanged, and FLUX attends over 16 text tokens instead of 77
+    (FLUX.1 likewise gives T5 a shorter context than its maximum: 256 tokens for schnell).
+    """
+    from transformers import CLIPTextModel
+    text = CLIPTextModel(clip.config.text_config)
+    text.load_state_dict(clip.text_model.state_dict())
+    for sub in ("sd/text_encoder", "flux/text_encoder"):
+        text.save_pretrained(os.path.join(root, sub))
+    short_cfg = clip.config.text_config.__class__.from_dict({**clip.config.text_config.to_dict(),
+                                                             "max_position_embeddings": 16})
+    short = CLIPTextModel(short_cfg)
+    sd = {k: v for k, v in clip.text_model.state_dict().items() if not k.endswith("position_ids")}
+    sd["embeddings.position_embedding.weight"] = sd["embeddings.position_embedding.weight"][:16]
+    short.load_state_dict(sd)
+    short.save_pretrained(os.path.join(root, "flux/text_encoder_2"))
+    for sub in ("clip", "sd/tokenizer", "flux/tokenizer", "flux/tokenizer_2"):
+        toy.write_tokenizer(os.path.join(root, sub))
+
+
+def save_sd(cfg: BuildConfig, unet, folder: str) -> None:
+    """unet/ + scheduler/ + model_index.json: with text_encoder/, tokenizer/, vae/ a diffusers SD pipeline folder."""
+    _save(unet, os.path.join(folder, "unet"), unet_diffusers_config(cfg))
+    _json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
+    _json(os.path.join(folder, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False})
+
+
+def save_flux(cfg: BuildConfig, flux, folder: str) -> None:
+    """transformer/ (diffusers names) + scheduler/ + model_index.json: a diffusers FLUX pipeline folder."""
+    _save(flux_to_diffusers(flux.state_dict(), flux.config.hidden_size), os.path.join(folder, "transformer"),
+          flux_diffusers_config(cfg))
+    _json(os.path.join(folder, "scheduler", "scheduler_config.json"), FLUX_SCHEDULER_CONFIG)
+    _json(os.path.join(folder, "model_index.json"), {
+        "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        # NOTE: a CLIP text tower stands in for T5-XXL (see save_text_encoders)
+        "text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
+
+
+STAGES = ("clip", "vae", "unet", "flux", "prefs", "eval")
+
+
+def build(preset: str = "full", root: str = toy.ROOT, stages: tuple[str, ...] = STAGES) -> dict:
+    """Rebuild the shipped files under `root`, stage by stage; a stage loads earlier stages' files from `root`."""
+    import weights
+    cfg, t_all, mine = PRESETS[preset], time.time(), {}
+    torch.set_num_threads(cfg.threads)
+    mine["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+    for stage in stages:
+        t0 = time.time()
+        print(f"---- {stage}", flush=True)
+        if stage == "clip":
+            toy.write_tokenizer(os.path.join(root, "clip"))
+            tokenizer = toy.load_tokenizer(os.path.join(root, "clip"))
+            clip = train_clip(cfg, tokenizer)
+            clip.save_pretrained(os.path.join(root, "clip"))
+            save_text_encoders(clip, root)
+            mine.update(clip_top1_heldout=clip_retrieval(clip, tokenizer, "heldout"),
+                        clip_top1_train=clip_retrieval(clip, tokenizer, "train"))
+        elif stage == "vae":
+            vae = train_vae(cfg)
+            for sub in ("sd/vae", "flux/vae"):
+                _save(vae, os.path.join(root, sub), vae_diffusers_config(cfg, vae.config.scaling_factor))
+            mine.update(vae_psnr_heldout=vae_psnr(vae, "heldout"), vae_scaling_factor=vae.config.scaling_factor)
+        elif stage in ("unet", "flux"):
+            z0, caps = encode_dataset(cfg, weights.load_vae(os.path.join(root, "sd", "vae")), cfg.latents)
+            ctx = text_contexts(weights.load_text_encoder(os.path.join(root, "sd", "text_encoder")),
+                                weights.load_tokenizer(os.path.join(root, "sd", "tokenizer")), caps + [""])
+            if stage == "unet":
+                save_sd(cfg, train_unet(cfg, z0, caps, ctx), os.path.join(root, "sd"))
+            else:
+                save_flux(cfg, train_flux(cfg, z0, caps, ctx), os.path.join(root, "flux"))
+        elif stage in ("prefs", "eval"):
+            mine.update(build_prefs(cfg, root) if stage == "prefs" else evaluate(cfg, root))
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        mine[f"time_{stage}_s"] = round(time.time() - t0, 1)
+        # NOTE: stages may run in parallel processes: merge this process's figures into the file as it is now
+        path = os.path.join(root, "metrics.json")
+        _json(path, {**(json.load(open(path)) if os.path.isfile(path) else {}), **mine})
+        print({k: v for k, v in mine.items() if k != "config"}, flush=True)
+    print(f"built {stages} in {time.time() - t_all:.0f} s", flush=True)
+    return mine
