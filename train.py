@@ -153,9 +153,10 @@ def evaluate(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], seed: int, 
         out["aligned"].append(pipe.decode(aligned))
     images = {k: torch.cat(v).float().cpu() for k, v in out.items()}
     m = {f"reward_{k}": reward(v.to(device), prompts).mean().item() for k, v in images.items()}
-    if judge is not None:
+    if judge is not None:  # the toy world's ground truth: overall success, and each part (count, colour, ...)
         for k, v in images.items():
-            m[f"judge_{k}"] = judge(v, prompts)["overall"].mean().item()
+            parts = {name: s.mean().item() for name, s in judge(v, prompts).items()}
+            m[f"judge_{k}"], m[f"judge_{k}_parts"] = parts["overall"], parts
     return m, images
 
 
