@@ -146,9 +146,8 @@ def bench(case: dict, device, grad_ckpt: bool, rank: int | None) -> dict:
     opt = torch.optim.AdamW(ha.hypernet.parameters(), lr=1e-4)
     x_t, t, cond = case["x_t"], case["t"], case["cond"]
     frozen = n_params(bb.model) + n_params(vae)
-    res = {**case["extra"], "frozen_params_M": round(frozen / 1e6), "hypernet_params_M":
-           round(n_params(ha.hypernet) / 1e6, 2), "weights_gib": round(mem_now(device) / GiB, 2)
-           if device.type == "cuda" else None}
+    res = {**case["extra"], "frozen_params_M": round(frozen / 1e6),
+           "hypernet_params_M": round(n_params(ha.hypernet) / 1e6, 2)}
 
     with torch.no_grad():                           # one sampling-step model call (the rollout is N of these)
         sync(device)
@@ -157,7 +156,8 @@ def bench(case: dict, device, grad_ckpt: bool, rank: int | None) -> dict:
         sync(device)
         res["nograd_model_call_s"] = round(time.perf_counter() - t0, 3)
 
-    before = mem_now(device)
+    before = mem_now(device)                        # weights (+ the process itself on CPU)
+    res["start_gib"] = round(before / GiB, 2)
     peak_reset(device)
     sync(device)
     t0 = time.perf_counter()
@@ -173,7 +173,7 @@ def bench(case: dict, device, grad_ckpt: bool, rank: int | None) -> dict:
     sync(device)
     res["train_step_s"] = round(time.perf_counter() - t0, 3)
     res["peak_gib"] = round(peak(device) / GiB, 2)                      # process RSS (CPU) / allocator (CUDA)
-    res["peak_over_start_gib"] = round((peak(device) - before) / GiB, 2)
+    res["peak_over_start_gib"] = round((peak(device) - before) / GiB, 2)   # activations, merged weights, Adam
     assert all(p.grad is None for p in bb.model.parameters()) and all(p.grad is None for p in vae.parameters())
     assert all(torch.isfinite(p).all() for p in ha.hypernet.parameters())
     return res
