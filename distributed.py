@@ -85,7 +85,7 @@ def mean(log: dict[str, float], ctx: Context) -> dict[str, float]:
     """Average logged scalars over ranks (every rank must call it, with the same keys)."""
     if ctx.world == 1:
         return log
-    keys = sorted(log)
+    keys = list(log)                                # the same order on every rank (the same code made it)
     v = torch.tensor([float(log[k]) for k in keys], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         v = v.cuda()
