@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 import lora
 import sampler
+from weights import check_state_dict
 
 VARIANTS = ("S", "I", "P")
 
@@ -278,10 +279,9 @@ def load(folder: str, backbone: Backbone, device=None) -> tuple[HyperAlign, dict
     weights = os.path.join(folder, "hypernet.safetensors")
     if not os.path.isfile(weights):
         raise ValueError(f"no hypernet.safetensors in {folder}")
-    try:
-        ha.hypernet.load_state_dict(load_file(weights), strict=True)
-    except RuntimeError as e:  # another model's hypernetwork: its targets or sizes differ
-        raise ValueError(f"{weights} does not fit this model: {str(e).splitlines()[0]}") from None
+    sd = load_file(weights)
+    check_state_dict(ha.hypernet, sd, f"{weights} (a hypernetwork for another model?)")  # WeightsError: a ValueError
+    ha.hypernet.load_state_dict(sd, strict=True)
     return (ha.to(device) if device is not None else ha), saved
 
 
