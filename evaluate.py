@@ -179,11 +179,14 @@ def method_rows(pipe: train.Pipe, preset: str, root: str, a, train_reward, promp
     rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon), {"train_steps": 0}))
     for rho in a.rho:
         rows.append((f"guidance ρ={rho:g}", guidance_gen(pipe, train_reward, rho), {"train_steps": 0}))
-    if pipe.kind == "flow":
-        da = static_run(os.path.join(root, "direct-align"), pipe, preset, a.train_steps, a,
-                        da_reward or BL.srpo_reward(train_reward), prompts, None, method="direct-align")
-        rows.append(("Direct-Align (SRPO)", sample_with(pipe, lambda c: da.sampler_model()),
-                     {"train_steps": a.train_steps}))
+    if pipe.kind == "flow":  # the trainer with the table's reward, then with SRPO's relative reward around it
+        for name, folder, r in (("Direct-Align", "direct-align", train_reward),
+                                ("Direct-Align + SRPO reward", "direct-align-srpo",
+                                 da_reward or BL.srpo_reward(train_reward))):
+            da = static_run(os.path.join(root, folder), pipe, preset, a.train_steps, a, r, prompts, None,
+                            method="direct-align")
+            rows.append((name, sample_with(pipe, lambda c, da=da: da.sampler_model()),
+                         {"train_steps": a.train_steps}))
     if ablation:
         zero = lambda images, prompts: images.sum((1, 2, 3)) * 0.0  # noqa: E731  (L_R switched off)
         for name, lam, r in (("ablation: L_R only", 0.0, train_reward), ("ablation: L_G only", 1.0, zero)):

@@ -49,7 +49,7 @@ def test_all_rows_train_and_evaluate_on_a_tiny_pipeline(kind, tmp_path):
                          da_reward=redness)
     names = [r[0] for r in rows]
     expect = ["base", "HyperAlign-I", "HyperAlign-P", "static LoRA", "Best-of-2", "guidance ρ=1"]
-    expect += ["Direct-Align (SRPO)"] if kind == "flow" else ["ablation: L_R only", "ablation: L_G only"]
+    expect += ["Direct-Align", "Direct-Align + SRPO reward"] if kind == "flow" else ["ablation: L_R only", "ablation: L_G only"]
     assert names == expect
     out = E.evaluate_rows(rows, pipe, PROMPTS[:2], [0], redness, None, None)
     by = {r["method"]: r for r in out}
