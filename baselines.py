@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -292,3 +293,45 @@ def guidance_sample(pipe: train.Pipe, reward, prompts: list[str], x_T: Tensor, r
         x_t = x_next + rho * norm(x_next - x_t) * g / norm(g).clamp_min(1e-12)
         xs.append(x_t)
     return (x_t, {"x_t": torch.stack(xs)}) if trajectory else x_t
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> None:
+    """`python baselines.py --method reward|direct-align [train.py's arguments]`: train a static LoRA baseline into
+    DIR (static_lora.safetensors + config.json), with train.py's data, reward, step and optimiser arguments.
+    direct-align (flow models) trains on SRPO's relative reward around --reward."""
+    import argparse
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--method", default="reward", choices=("reward", "direct-align"))
+    known, rest = p.parse_known_args(argv)
+    args = train.parse_args(rest)
+    try:
+        import prefs
+        import rewards
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        pipe = train.load_pipe(args.model, device, dtype, args.resolution, args.sample_steps, args.guidance)
+        toy = args.model in train.TOY
+        if toy:
+            import toy as toy_world
+        prompts = toy_world.prompts("train") if toy else train.read_lines(args.prompts)
+        reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer, device=device)
+        reader = None
+        if known.method == "direct-align":
+            reward = srpo_reward(reward)
+        elif args.lambda_reg > 0:
+            reader = prefs.open_prefs(args.prefs or toy_world.PREFS_PATH)
+        preset = args.preset or (("toy-flux" if toy else "flux-dev") if pipe.kind == "flow" else
+                                 ("toy-sd" if toy else "sd15"))
+        cfg = HyperConfig.preset(preset, **({"rank": args.rank, "alpha": float(args.rank)} if args.rank else {}))
+        train_static(pipe, reward, prompts, cfg, args.steps, args.batch_size, args.lr, args.lambda_reg, reader,
+                     known.method, args.seed, out=args.out, device=device)
+    except ValueError as e:  # bad user input: paths, specs, a VP model for direct-align
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

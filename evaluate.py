@@ -270,6 +270,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default="toy-sd,toy-flux", help="comma-separated toy models (toy-sd, toy-flux)")
     p.add_argument("--model", default=None, help="a real SD1.5 / FLUX path instead of the toy models")
     p.add_argument("--reward", default=None, help="reward spec to train/score with (toy: toy-pref) (rewards.py)")
+    p.add_argument("--reward-tokenizer", default=None, help="CLIP tokenizer folder for rewards without one (HPS)")
     p.add_argument("--score", default=None, help="reward spec of the table's reward columns (toy: toy-pref,toy-clip)")
     p.add_argument("--prompts", default=None, help="real model: held-out prompts, one per line")
     p.add_argument("--hyper", nargs="*", default=[], help="real model: trained HyperAlign folders (rows)")
@@ -315,8 +316,8 @@ def main(argv=None) -> None:
         if not (a.reward and a.prompts):
             raise ValueError("a real --model needs --reward and --prompts")
         pipe = train.load_pipe(a.model, a.device, getattr(torch, a.dtype), None, a.sample_steps, None)
-        train_reward = rewards.parse_reward_spec(a.reward, device=a.device)
-        score = rewards.parse_reward_spec(a.score or a.reward, device=a.device)
+        train_reward = rewards.parse_reward_spec(a.reward, tokenizer=a.reward_tokenizer, device=a.device)
+        score = rewards.parse_reward_spec(a.score or a.reward, tokenizer=a.reward_tokenizer, device=a.device)
         prompts = train.read_lines(a.prompts)[:a.n_prompts]
         base = BL.base_model(pipe)
         rows = [("base", sample_with(pipe, lambda c: base), {"train_steps": 0})]

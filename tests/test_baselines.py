@@ -107,3 +107,12 @@ def test_srpo_relative_reward_matches_the_clip_formula_and_wraps_any_reward():
     want = 2 * m * torch.tensor([len(f"Realistic photo. {p}") for p in PROMPTS]) - \
         m * torch.tensor([len(f"Painting. {p}") for p in PROMPTS])
     assert torch.allclose(out, want)
+
+
+def test_cli_bad_arguments_exit_2(tmp_path, capsys):
+    for bad in (["--method", "nope"], ["--model", str(tmp_path / "missing"), "--reward", "toy-pref", "--prompts",
+                                       str(tmp_path / "p.txt"), "--out", str(tmp_path / "o")]):
+        with pytest.raises(SystemExit) as e:
+            BL.main(bad)
+        assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
