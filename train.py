@@ -268,7 +268,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lambda-reg", type=float, default=1.0, help="λ, weight of L_G (0: reward only)")
     p.add_argument("--steps", type=int, default=None, help="training steps (toy default 150, real 2000)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (toy 1e-3, real 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (toy 3e-4, real 1e-4)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank R (default: the preset's)")
     p.add_argument("--key-steps", type=int, default=3, help="P: number of curvature key steps K (plus step 0)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20, SD 50, FLUX 28)")
@@ -300,7 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not toy and (args.reward is None or args.prompts is None):
         p.error("a real model needs --reward and --prompts (and --prefs unless --lambda-reg 0)")
     args.steps = args.steps if args.steps is not None else (150 if toy else 2000)
-    args.lr = args.lr or (1e-3 if toy else 1e-4)
+    args.lr = args.lr or (3e-4 if toy else 1e-4)
     args.sample_steps = args.sample_steps or (20 if toy else None)
     if toy and args.threads is None:
         args.threads = 1  # NOTE: toy-sized ops gain little from a 2nd thread and lose 10-30x when the cores are busy
