@@ -8,6 +8,9 @@ Each step, for a batch of prompts (paper sec. 3.3, L = L_R + λ L_G):
   3. L_G: a preferred image from the preference data, noised to a random t, denoised by the modulated model;
   4. AdamW on the hypernetwork only. The frozen generator, VAE, text encoder and reward get no gradients.
 
+Multi-GPU: `torchrun --nproc_per_node N train.py ...` (distributed.py): DDP over the hypernetwork only, each rank its
+rows of every global batch (N x --batch-size), rank 0 writes the files; without torchrun, one process as before.
+
 Writes DIR/hypernet.safetensors + DIR/config.json (enough to rebuild; sample.py --hyper DIR), DIR/optim.pt (resume),
 DIR/metrics.jsonl during training, and at the end DIR/metrics.json (reward and toy judge, base vs aligned, held-out
 prompts, fixed seeds) and DIR/samples.png (top row base, bottom row aligned).
@@ -29,6 +32,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import distributed
 import hyperalign as ha_mod
 import sampler
 from hyperalign import Backbone, HyperAlign, HyperConfig
@@ -105,7 +109,8 @@ class Pipe:
         return z if self.kind == "vp" else sampler.pack(z)
 
 
-def load_pipe(model: str, device, dtype, resolution: int | None, steps: int | None, guidance: float | None) -> Pipe:
+def load_pipe(model: str, device, dtype, resolution: int | None, steps: int | None, guidance: float | None,
+              tokenizer: str | None = None) -> Pipe:
     """--model: 'toy-sd', 'toy-flux', or a path to an SD1.x pipeline (folder / single file) or a FLUX folder."""
     import weights
     if model in TOY:
@@ -117,7 +122,7 @@ def load_pipe(model: str, device, dtype, resolution: int | None, steps: int | No
         fp.transformer.requires_grad_(False)
         return Pipe(Backbone("flow", fp.transformer), fp.vae, fp.encode, resolution or 1024, steps or 28,
                     3.5 if guidance is None else guidance, fp.shift)
-    sd = weights.load_sd(model, dtype=dtype, device=device)
+    sd = weights.load_sd(model, dtype=dtype, device=device, tokenizer=tokenizer)  # tokenizer: single-file SD
     return Pipe(Backbone("vp", sd.unet, sampler.VPSchedule.from_config(sd.scheduler)), sd.vae, sd.encode_prompt,
                 resolution or 512, steps or 50, 7.5 if guidance is None else guidance)
 
@@ -129,12 +134,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def pref_stream(reader, batch_size: int, resolution: int, skip_batches: int) -> Iterator[dict]:
-    """Endless batches of preferred images (epoch after epoch), the first `skip_batches` skipped (resume)."""
+def pref_stream(reader, batch_size: int, resolution: int, skip_batches: int,
+                ctx: distributed.Context = distributed.Context()) -> Iterator[dict]:
+    """Endless batches of preferred images (epoch after epoch), the first `skip_batches` skipped (resume); under
+    torchrun each rank gets its `batch_size` rows of every global batch of pairs."""
     import prefs
     def epochs():
         while True:
-            yield from prefs.pref_batches(iter(reader), batch_size, resolution, drop_last=True)
+            pairs = distributed.deal(iter(reader), batch_size, ctx)
+            yield from prefs.pref_batches(pairs, batch_size, resolution, drop_last=True)
     return itertools.islice(epochs(), skip_batches, None)
 
 
@@ -207,48 +215,59 @@ def calibrate(ha: HyperAlign, pipe: Pipe, prompts: list[str], k: int, seed: int)
 
 
 def train_step(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], pref: dict | None, lam: float,
-               gen: torch.Generator, key_steps: list[int]) -> dict:
-    """One accumulated step over the batch; gradients land in ha.hypernet only. Returns logged scalars."""
+               gen: torch.Generator, key_steps: list[int], rows: slice = slice(None), hypernet=None) -> dict:
+    """One accumulated step over the batch; gradients land in ha.hypernet only. Returns logged scalars.
+
+    Under torchrun `prompts` is the global batch and `rows` this rank's part: all randomness is drawn for the global
+    batch and sliced, so the ranks together do what one process does with the whole batch; `pref` is already this
+    rank's part. `hypernet`: ha.hypernet wrapped in DDP (gradients averaged over ranks in the last backward).
+    """
     device = ha.hypernet.proj.weight.device
-    B, variant, bb = len(prompts), ha.cfg.variant, ha.backbone
+    net = ha.hypernet if hypernet is None else hypernet
+    G, variant, bb = len(prompts), ha.cfg.variant, ha.backbone
+    prompts = prompts[rows]
+    B = len(prompts)
     cond, uncond = pipe.conds(prompts)
-    x_T = pipe.noise(B, gen, device)
+    x_T = pipe.noise(G, gen, device)[rows]
     traj = pipe.rollout(ha.sampler_model(cond), x_T, cond, uncond)                     # 1. no gradient
-    ks = torch.randint(0, pipe.steps, (B,), generator=gen).tolist()
+    ks = torch.randint(0, pipe.steps, (G,), generator=gen)[rows].tolist()
     ts = traj["t"]
     if pref is not None:
         x0 = pipe.encode(pref["chosen"].to(device))
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        kg = torch.randint(0, pipe.steps, (B,), generator=gen).tolist()
+        eps = torch.randn((G, *x0.shape[1:]), generator=gen)[rows].to(device)
+        kg = torch.randint(0, pipe.steps, (G,), generator=gen)[rows].tolist()
         pcond, _ = pipe.conds(pref["prompts"])
     log = {"loss_r": 0.0, "loss_g": 0.0, "reward": 0.0}
+    with_g = pref is not None and lam != 0
     for i in range(B):
         row = slice(i, i + 1)
         c_i = ha_mod.cond_rows(cond, row)
         u_i = None if uncond is None else uncond[row]
         k, s = ks[i], start_step(variant, ks[i], key_steps)
         t_k, t_s = pipe.t_batch(ts[k], 1, device), pipe.t_batch(ts[s], 1, device)
-        factors = ha.factors(traj["x_t"][s][row], t_s, c_i)                         # 2. with gradient
-        with ha.substituted(factors):
-            loss_r, r = ha_mod.reward_loss(ha, None, traj["x_t"][k][row], t_k, c_i, u_i, pipe.guidance,
-                                           pipe.decode, reward, prompts[row])
-            if not torch.isfinite(loss_r):
-                raise FloatingPointError(f"reward loss is {loss_r.item()}")
-            (loss_r / B).backward()
+        with distributed.sync_if(net, i == B - 1 and not with_g):                  # DDP: sync in the last backward
+            factors = net(*bb.features(traj["x_t"][s][row], t_s, c_i))             # 2. with gradient: ha.factors
+            with ha.substituted(factors):
+                loss_r, r = ha_mod.reward_loss(ha, None, traj["x_t"][k][row], t_k, c_i, u_i, pipe.guidance,
+                                               pipe.decode, reward, prompts[row])
+                if not torch.isfinite(loss_r):
+                    raise FloatingPointError(f"reward loss is {loss_r.item()}")
+                (loss_r / B).backward()
         log["loss_r"] += loss_r.item() / B
         log["reward"] += r.mean().item() / B
-        if pref is None or lam == 0:
+        if not with_g:
             continue
         # 3. L_G at a random trajectory time; the LoRA comes from the noised state its variant would use
         k, s = kg[i], start_step(variant, kg[i], key_steps)
         t_k, t_s = pipe.t_batch(ts[k], 1, device), pipe.t_batch(ts[s], 1, device)
         pc_i = ha_mod.cond_rows(pcond, row)
-        factors = ha.factors(bb.noised(x0[row], eps[row], t_s), t_s, pc_i)
-        with ha.substituted(factors):
-            loss_g = ha_mod.regularisation_loss(ha, None, x0[row], eps[row], t_k, pc_i)
-            if not torch.isfinite(loss_g):
-                raise FloatingPointError(f"regularisation loss is {loss_g.item()}")
-            (lam * loss_g / B).backward()
+        with distributed.sync_if(net, i == B - 1):
+            factors = net(*bb.features(bb.noised(x0[row], eps[row], t_s), t_s, pc_i))
+            with ha.substituted(factors):
+                loss_g = ha_mod.regularisation_loss(ha, None, x0[row], eps[row], t_k, pc_i)
+                if not torch.isfinite(loss_g):
+                    raise FloatingPointError(f"regularisation loss is {loss_g.item()}")
+                (lam * loss_g / B).backward()
         log["loss_g"] += loss_g.item() / B
     log["loss"] = log["loss_r"] + lam * log["loss_g"]
     return log
@@ -262,12 +281,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or a path to SD1.5 / FLUX weights")
     p.add_argument("--preset", default=None, help="hypernetwork size preset (default: by model: toy-sd, toy-flux, "
                    f"sd15, flux-dev); one of {sorted(ha_mod.PRESETS)}")
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file SD checkpoint")
     p.add_argument("--reward", default=None, help="reward spec 'name[:path][=w],...' (toy default: toy-pref)")
     p.add_argument("--reward-tokenizer", default=None, help="CLIP tokenizer folder for rewards without one (HPS)")
     p.add_argument("--prefs", default=None, help="preference data for L_G (toy default: the toy prefs.parquet)")
     p.add_argument("--lambda-reg", type=float, default=1.0, help="λ, weight of L_G (0: reward only)")
     p.add_argument("--steps", type=int, default=None, help="training steps (toy default 150, real 2000)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="per process (torchrun: N processes x this)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (toy 3e-4, real 1e-4)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank R (default: the preset's)")
     p.add_argument("--key-steps", type=int, default=3, help="P: number of curvature key steps K (plus step 0)")
@@ -282,9 +302,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/hyperalign", help="output folder DIR")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in DIR")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (torchrun: cuda:LOCAL_RANK per process)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the frozen models (the hypernetwork trains in float32)")
+                   help="dtype of the frozen models, reward included (the hypernetwork trains in float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (toy default 1; else torch's)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the frozen model")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -325,10 +345,11 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    ctx, device = distributed.init(args.device)       # torchrun: join the group (gloo / nccl); else no group
+    dtype = getattr(torch, args.dtype)
     toy = args.model in TOY and pipe is None          # tests pass their own tiny pipe: no toy world then
     if pipe is None:
-        pipe = load_pipe(args.model, device, dtype, args.resolution, args.sample_steps, args.guidance)
+        pipe = load_pipe(args.model, device, dtype, args.resolution, args.sample_steps, args.guidance, args.tokenizer)
     if toy:
         import toy as toy_world
         prompts = prompts or toy_world.prompts("train")
@@ -339,7 +360,7 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     if reward is None:
         import rewards
         reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer,
-                                           device=device)
+                                           device=device, dtype=dtype)
     if prefs_reader is None and args.lambda_reg > 0:
         import prefs
         prefs_reader = prefs.open_prefs(args.prefs or __import__("toy").PREFS_PATH)
@@ -361,36 +382,45 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     if args.resume:
         state, saved = _resume(args.out, ha, opt)
         step, key = saved["step"], saved["run"].get("key_steps", [])
-        print(f"resumed from {args.out} at step {step}")
+        if ctx.main:
+            print(f"resumed from {args.out} at step {step}")
     elif cfg.variant == "P":
         key = calibrate(ha, pipe, prompts[:16], args.key_steps, args.seed)
-        print(f"P: key steps {key} (times {list(ha.cfg.key_times)})")
+        key, ha.cfg.key_times = distributed.broadcast((key, ha.cfg.key_times), ctx)     # rank 0's, on every rank
+        if ctx.main:
+            print(f"P: key steps {key} (times {list(ha.cfg.key_times)})")
     run_info["key_steps"] = key
-    if step == 0:
+    if step == 0 and ctx.main:
         save_checkpoint(args.out, ha, opt, 0, run_info)
+    net = distributed.wrap(ha.hypernet, ctx, device)  # DDP over the trainable part only; the frozen models are not
 
-    pref_iter = (pref_stream(prefs_reader, args.batch_size, pipe.resolution, step)
+    pref_iter = (pref_stream(prefs_reader, args.batch_size, pipe.resolution, step, ctx)
                  if prefs_reader is not None and args.lambda_reg > 0 else None)
     log_path = os.path.join(args.out, "metrics.jsonl")
-    if os.path.exists(log_path):  # a fresh run starts a new log; a resumed one drops lines after its checkpoint
+    if os.path.exists(log_path) and ctx.main:  # a fresh run starts a new log; a resumed one drops later lines
         with open(log_path) as f:
             kept = [ln for ln in f if args.resume and json.loads(ln)["step"] <= step]
         atomic_write(log_path, lambda p: open(p, "w").write("".join(kept)))
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"HyperAlign-{cfg.variant}")
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc=f"HyperAlign-{cfg.variant}",
+               disable=not ctx.main)
+    G = ctx.world * args.batch_size                   # the global batch: every rank draws it, each takes its rows
     for step in bar:
         gen = step_generator(args.seed, step)
-        batch = [prompts[i] for i in torch.randint(0, len(prompts), (args.batch_size,), generator=gen).tolist()]
+        batch = [prompts[i] for i in torch.randint(0, len(prompts), (G,), generator=gen).tolist()]
         opt.zero_grad(set_to_none=True)
         t0 = time.time()
         try:
             log = train_step(ha, pipe, reward, batch, next(pref_iter) if pref_iter else None, args.lambda_reg,
-                             gen, key)
+                             gen, key, ctx.rows(args.batch_size), net)
         except FloatingPointError as e:
             raise SystemExit(f"error: non-finite loss at step {step + 1} ({e}); stopped, the last good checkpoint "
                              f"is kept in {args.out}") from None
         torch.nn.utils.clip_grad_norm_(ha.hypernet.parameters(), 1.0)
         opt.step()
+        log = distributed.mean(log, ctx)
         log.update(step=step + 1, sec=round(time.time() - t0, 3))
+        if not ctx.main:                              # rank 0 alone logs and checkpoints
+            continue
         with open(log_path, "a") as f:
             f.write(json.dumps(log) + "\n")
         bar.set_postfix(loss=f"{log['loss']:.4f}", reward=f"{log['reward']:.4f}")
@@ -399,7 +429,8 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
 
     metrics = {"variant": cfg.variant, "steps": args.steps, "key_steps": key,
                "trainable_params": sum(p.numel() for p in ha.hypernet.parameters())}
-    if not args.no_eval:
+    distributed.close()
+    if not args.no_eval and ctx.main:
         m, images = evaluate(ha, pipe, reward, eval_prompts, seed=10_000 + args.seed, judge=judge,
                              batch=args.batch_size)  # per-sample weights: memory grows with the batch
         metrics.update(m)

@@ -1,0 +1,125 @@
+"""torchrun on CPU (gloo): two ranks with batch B train the same hypernetwork as one process with batch 2B, the ranks
+stay identical, and a checkpoint resumes under a different number of processes. Toy SD model, a few tiny steps.
+
+Float tolerance: the two runs batch the frozen models differently (2 vs 4 rows), so gradients agree to ~1e-5, not
+bit for bit. The hypernetwork is compared as one vector: per tensor, Adam's first steps (~lr * sign(g)) turn rounding
+noise in elements with g ~ 0 into lr-sized differences, and the key biases' gradient is exactly zero in exact
+arithmetic (softmax ignores a shift of every key), so theirs is pure rounding noise."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# train.py's own entry point, plus: every process saves the hypernetwork it ends with, and the last step's (all-reduced,
+# clipped) gradients as grad.*, to rank{RANK}.safetensors
+RUNNER = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+from safetensors.torch import save_file
+import train
+
+made = []
+class Recorded(train.HyperAlign):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        made.append(self)
+
+train.HyperAlign = Recorded
+args = train.parse_args(sys.argv[1:])
+train.run(args)
+net = made[-1].hypernet
+state = {{k: v.detach().contiguous() for k, v in net.state_dict().items()}}
+state.update({{"grad." + k: v.grad.contiguous() for k, v in net.named_parameters() if v.grad is not None}})
+save_file(state, os.path.join(args.out, "rank%s.safetensors" % os.environ.get("RANK", "0")))
+"""
+
+TINY = ["--model", "toy-sd", "--variant", "I", "--sample-steps", "3", "--lambda-reg", "1.0", "--lr", "1e-3",
+        "--no-eval", "--save-every", "100", "--seed", "3"]
+
+
+def launch(tmp_path, out, n_proc: int, batch: int, steps: int, *extra):
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n_proc)]
+                             if n_proc > 1 else []),
+           str(script), *TINY, "--out", str(out), "--batch-size", str(batch), "--steps", str(steps), *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    launch(tmp, tmp / "ddp", 2, 1, 3)                                   # 2 ranks x batch 1
+    launch(tmp, tmp / "single", 1, 2, 3)                                # 1 process x batch 2
+    launch(tmp, tmp / "resumed", 1, 2, 2)                               # 1 process for 2 steps ...
+    launch(tmp, tmp / "resumed", 2, 1, 3, "--resume")                   # ... then 2 ranks to step 3
+    return tmp
+
+
+def load(runs, name: str, rank: int = 0) -> tuple[dict, dict]:
+    """-> (parameters, the last step's gradients) of a run's process."""
+    sd = load_file(runs / name / f"rank{rank}.safetensors")
+    return ({k: v for k, v in sd.items() if not k.startswith("grad.")},
+            {k[5:]: v for k, v in sd.items() if k.startswith("grad.")})
+
+
+def vector(sd: dict) -> torch.Tensor:
+    return torch.cat([sd[k].flatten() for k in sorted(sd)])
+
+
+def losses(runs, name: str) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in open(runs / name / "metrics.jsonl")]
+
+
+def test_ranks_hold_identical_hypernetworks(runs):
+    for name in ("ddp", "resumed"):
+        (p0, g0), (p1, g1) = load(runs, name, 0), load(runs, name, 1)
+        assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
+        assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)   # all-reduced gradients
+    saved = load_file(runs / "ddp" / "hypernet.safetensors")            # rank 0 wrote the checkpoint
+    assert saved.keys() == p0.keys() and all(torch.equal(saved[k], load(runs, "ddp")[0][k]) for k in saved)
+    assert not any(f.endswith(".tmp") for f in os.listdir(runs / "ddp"))
+
+
+def test_two_ranks_equal_one_process_with_the_global_batch(runs):
+    (p_ddp, g_ddp), (p_one, g_one) = load(runs, "ddp"), load(runs, "single")
+    assert p_ddp.keys() == p_one.keys() and g_ddp.keys() == g_one.keys()
+    assert p_one["b_aux.0"].abs().max() > 0                             # it trained (B_aux starts at zero)
+    assert rel_err(vector(p_ddp), vector(p_one)) < 1e-4
+    assert rel_err(vector(g_ddp), vector(g_one)) < 1e-4
+    l_ddp, l_one = losses(runs, "ddp"), losses(runs, "single")         # rank 0 logs the mean over ranks
+    assert len(l_ddp) == len(l_one) == 3
+    assert all(abs(a - b) < 1e-4 * abs(b) for a, b in zip(l_ddp, l_one)), (l_ddp, l_one)
+
+
+def test_resume_under_another_world_size(runs):
+    (p_res, _), (p_one, _) = load(runs, "resumed"), load(runs, "single")
+    assert rel_err(vector(p_res), vector(p_one)) < 1e-4
+    l_res, l_one = losses(runs, "resumed"), losses(runs, "single")
+    assert l_res[:2] == l_one[:2] and abs(l_res[2] - l_one[2]) < 1e-4 * abs(l_one[2])   # one log, rank 0's
+
+
+def test_dealing_splits_every_global_batch_and_single_process_is_untouched(monkeypatch):
+    import distributed
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    ctx, device = distributed.init("cpu")                               # no torchrun: no process group
+    assert ctx == distributed.Context() and device == torch.device("cpu") and not torch.distributed.is_initialized()
+    assert list(distributed.deal(range(7), 3, ctx)) == list(range(7))
+    ranks = [distributed.Context(r, 2) for r in range(2)]
+    dealt = [list(distributed.deal(range(11), 2, c)) for c in ranks]   # global batches of 4; 3 left over
+    assert dealt == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert [c.rows(2) for c in ranks] == [slice(0, 2), slice(2, 4)]
