@@ -304,7 +304,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in DIR")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torchrun: cuda:LOCAL_RANK per process)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the frozen models, reward included (the hypernetwork trains in float32)")
+                   help="dtype of the frozen models (the hypernetwork trains in float32)")
+    p.add_argument("--reward-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the reward model (bfloat16 halves its memory; HPS ViT-H: 3.7 -> 1.8 GiB)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (toy default 1; else torch's)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the frozen model")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -360,7 +362,7 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     if reward is None:
         import rewards
         reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer,
-                                           device=device, dtype=dtype)
+                                           device=device, dtype=getattr(torch, args.reward_dtype))
     if prefs_reader is None and args.lambda_reg > 0:
         import prefs
         prefs_reader = prefs.open_prefs(args.prefs or __import__("toy").PREFS_PATH)
