@@ -76,11 +76,11 @@ def fix_malloc_threshold(nbytes: int = 1 << 16) -> None:
 
 def randomise(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
     """Meta-built model -> random weights on `device` in `dtype`, frozen (no grad, eval)."""
-    model = model.to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)    # cast on meta first: no fp32 copy of a 12B model
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    return model.to(dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def n_params(m: torch.nn.Module) -> int:
