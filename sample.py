@@ -125,6 +125,18 @@ def hyper_wrap(folder: str, pipe: weights.SDPipeline, prompt: str, batch: int, d
     return lambda unet: ha.sampler_model(context)
 
 
+def default_size(model: str, arch: str, components: str | None = None) -> int:
+    """Image size when --height/--width are not given: the pipeline VAE config's `sample_size` (as diffusers reads
+    it: 512 for SD1.5, 1024 for FLUX.1, 32 for the toy models), else 512 (SD) or 1024 (FLUX)."""
+    vae_config = os.path.join(components or model, "vae", "config.json")
+    if os.path.isfile(vae_config):
+        with open(vae_config) as f:
+            size = json.load(f).get("sample_size")
+        if isinstance(size, int):
+            return size
+    return 1024 if arch == "flux" else 512
+
+
 def save_images(images: np.ndarray, out: str) -> list[str]:
     """One file per image: OUT for a single image, OUT-stem-{i}.ext for a batch."""
     from PIL import Image
@@ -143,8 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None, help="default: 7.5 (SD, CFG), 3.5 (FLUX, distilled)")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=None, help="default: the VAE config's sample_size (SD1.5 512, "
+                   "FLUX 1024, toy 32), else 512 (SD) / 1024 (FLUX)")
+    p.add_argument("--width", type=int, default=None, help="default: as --height")
     p.add_argument("--batch", type=int, default=1, help="images for the prompt (latents drawn in one randn)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     p.add_argument("--out", required=True, help="output image (.png/.jpg/.webp); a batch writes OUT-0.png, ...")
@@ -161,9 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     for name in ("steps", "batch", "height", "width"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.height % 8 or args.width % 8:
+    if (args.height or 8) % 8 or (args.width or 8) % 8:
         raise ValueError(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
     if (args.guidance is not None and args.guidance < 0) or args.eta < 0:
         raise ValueError("--guidance and --eta must be >= 0")
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = getattr(torch, args.dtype) if args.dtype else \
             (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
         arch = args.arch or detect_arch(args.model)
+        size = default_size(args.model, arch, args.components)
+        args.height, args.width = args.height or size, args.width or size
         if arch == "flux":
             if args.negative_prompt or args.eta:
                 raise ValueError("FLUX samples without CFG or DDIM noise: --negative-prompt and --eta do not apply")
