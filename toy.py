@@ -1,6 +1,6 @@
 """The toy world: a captioned 32x32 image world in which the whole paper runs on a CPU in minutes.
 
-What lives here (the training of the tiny models is in toy_train.py):
+What lives here (training the tiny models: toy_train.py; the prefs and evaluation stages: toy_eval.py):
   # ---- world       palette, shapes, relations; captions; train / held-out prompt splits; the renderer
   # ---- judge       rule-based ground truth from pixels: count, colour, shape, binding, position, overall
   # ---- tokenizer   a real CLIPTokenizer (vocab.json + merges.txt) whose BPE turns every world word into one token
@@ -9,7 +9,7 @@ What lives here (the training of the tiny models is in toy_train.py):
 
 Shipped files (assets/toy/, rebuilt by `python toy.py build`):
   sd/          diffusers-style SD pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
-  flux/        FLUX folder: transformer/ (BFL single file), vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/
+  flux/        diffusers FLUX folder: transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/
   clip/        the whole toy CLIPModel (vision + text towers), used by the toy CLIP score
   pref/        the toy preference model's head (HPS-like), on the frozen toy CLIP
   prefs.parquet  toy preference pairs in Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0, label_1; PNG bytes)

@@ -128,10 +128,10 @@ def test_shipped_flux_folder_is_a_diffusers_folder():
 
 
 def test_base_models_beat_the_judge_floor(sd_pipe, flux_pipe):
-    import toy_train
+    import toy_eval
     caps = toy.eval_prompts("train", 12)
-    sd = toy.summary(toy.judge(toy_train.sample_sd(sd_pipe, caps, seed=0, steps=15), caps), caps)
-    fx = toy.summary(toy.judge(toy_train.sample_flux(flux_pipe, caps, seed=0, steps=15), caps), caps)
+    sd = toy.summary(toy.judge(toy_eval.sample_sd(sd_pipe, caps, seed=0, steps=15), caps), caps)
+    fx = toy.summary(toy.judge(toy_eval.sample_flux(flux_pipe, caps, seed=0, steps=15), caps), caps)
     assert sd["binding"] >= SD_FLOOR and sd["colour"] >= 0.6, sd
     assert fx["binding"] >= FLUX_FLOOR and fx["colour"] >= 0.6, fx
 
