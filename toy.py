@@ -417,7 +417,8 @@ class ToyPreference(rewards.Reward):
 
     def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
         rewards.check_inputs(images, prompts)
-        return self.head(self.image_features(images), self.text_features(prompts))
+        dtype = self.head.a.dtype  # features come out in float32; the head may be bf16 (--reward-dtype)
+        return self.head(self.image_features(images).to(dtype), self.text_features(prompts).to(dtype)).float()
 
 
 def toy_preference(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> ToyPreference:

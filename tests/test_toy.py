@@ -165,3 +165,12 @@ def test_preference_data_reads_with_the_real_reader():
     caps = [p.prompt for p in pairs]
     assert toy.judge(chosen, caps)["overall"].mean() == 1.0  # the preferred image is always a clean render
     assert all(p.chosen.size == (toy.SIZE, toy.SIZE) for p in pairs)
+
+
+def test_toy_preference_in_bf16_is_close_to_fp32():
+    """`--reward-dtype bfloat16` on the toy reward: a bf16 head must accept the float32 features."""
+    x = toy.render_batch(["a red circle", "a blue square left of a green triangle"], 3)
+    caps = ["a red circle", "a blue square left of a green triangle"]
+    r32 = toy.toy_preference()(x, caps)
+    r16 = toy.toy_preference(dtype=torch.bfloat16)(x, caps)
+    assert r16.dtype == torch.float32 and (r16 - r32).abs().max() < 0.05
