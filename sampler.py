@@ -8,18 +8,20 @@ Sections:
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
 import torch
+from einops import rearrange, repeat
+from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------------------- VP diffusion (SD1.5)
 # DDPM forward process (Ho et al. 2020, eq. 4): q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I), integer
 # t in [0, T). The model predicts eps (or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0, Salimans & Ho 2022).
 # Settings use diffusers' scheduler_config.json vocabulary, so a pipeline's own config drives the sampler.
-from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
@@ -167,11 +169,6 @@ def ddim_sample(model: Callable, x_T: torch.Tensor, cond, schedule: VPSchedule, 
 
 
 # --------------------------------------------------------------------------------------------- rectified flow (FLUX)
-import math  # noqa: E402
-from typing import Callable  # noqa: E402
-
-from einops import rearrange, repeat  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 # Rectified flow (Liu et al. 2022; SD3's x_t = a_t x0 + b_t eps with a_t = 1 - t, b_t = t): x_t = (1 - t) x0 + t eps,
 # t from 1 (noise) to 0 (data); the model predicts the velocity v = dx_t/dt = eps - x0.

@@ -19,7 +19,6 @@ Shape alphabet: B batch, C channels, H, W image size, K palette size.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os

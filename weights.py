@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+
+from flux import Flux, FluxConfig
 
 
 class WeightsError(ValueError):
@@ -105,7 +110,6 @@ def build_and_load(make: Callable[[], nn.Module], sd: Mapping[str, torch.Tensor]
 
 def rename(sd: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Apply regex rules (pattern, replacement) in order to every key; a key matching no rule is kept as is."""
-    import re
     compiled = [(re.compile(p), r) for p, r in rules]
     out = {}
     for k, v in sd.items():
@@ -124,9 +128,6 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch
 # Our U-Net and VAE carry diffusers' names. An SD1.5 single file (LDM layout) holds the U-Net under
 # `model.diffusion_model.`, the VAE under `first_stage_model.` and the CLIP text encoder under
 # `cond_stage_model.transformer.`; BFL's FLUX `ae.safetensors` is the same LDM VAE layout with no prefix.
-import re  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass as _dataclass  # noqa: E402
 
 
 def ldm_unet_rules(layers_per_block: int) -> list[tuple[str, object]]:
@@ -329,7 +330,7 @@ def load_tokenizer(path: str):
     return CLIPTokenizer.from_pretrained(path)
 
 
-@_dataclass
+@dataclass
 class SDPipeline:
     """A whole SD1.x model: U-Net, VAE, CLIP text encoder + tokenizer, and the scheduler settings (a dict in
     diffusers' scheduler_config.json vocabulary; see sampler.VPSchedule.from_config)."""
@@ -379,13 +380,7 @@ def load_sd(path: str, dtype: torch.dtype | None = None, device: str | torch.dev
                       load_text_encoder(path, dtype, device), load_tokenizer(tokenizer), dict(SD15_SCHEDULER))
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------- FLUX
-import re  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-from flux import Flux, FluxConfig  # noqa: E402
 
 # The FLUX transformer is named after BFL's keys; diffusers' FluxTransformer2DModel splits fused projections (q/k/v,
 # and q/k/v + MLP-in in the single blocks) and stores the final modulation as (scale, shift). Rules, then two fixes.

@@ -1,4 +1,4 @@
-"""Shared test set-up: offline, deterministic, CPU, fp32."""
+"""Shared test set-up: offline, deterministic, CPU, fp32, one intra-op thread."""
 import os
 import sys
 
@@ -16,7 +16,12 @@ import torch  # noqa: E402
 def _deterministic():
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float32)
+    # NOTE: the tests run tiny models; on a 2-core machine shared with other processes a second intra-op thread
+    # spins against them and was measured 10-50x slower, while one thread costs the few full-size checks ~1.5x.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ import torch
 
 import analysis as A
 import hyperalign as H
-from test_hyperalign import _one_thread, make_ha, tiny_pipe  # noqa: F401 (fixture)
+from test_hyperalign import make_ha, tiny_pipe
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 

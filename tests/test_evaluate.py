@@ -7,7 +7,7 @@ import torch
 
 import baselines as BL
 import evaluate as E
-from test_hyperalign import _one_thread, pref_pairs, redness, tiny_pipe  # noqa: F401 (fixture)
+from test_hyperalign import pref_pairs, redness, tiny_pipe
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 

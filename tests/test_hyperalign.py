@@ -13,15 +13,6 @@ from unet import make_unet
 from vae import make_vae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: on a shared 2-core machine two intra-op threads spin against other processes (30x slower measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_pipe(kind: str = "vp", steps: int = 4, guidance: float = 3.0, seed: int = 0) -> train.Pipe:
     """A random tiny pipeline: toy-sd U-Net or flux-tiny, a toy-sd VAE (4 latent channels, 16 px -> 8 x 8 latents) and
     a fixed random word embedding as the text encoder."""

@@ -12,15 +12,6 @@ import lora
 from conftest import rel_err
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # NOTE: tiny models on a shared 2-core machine: two intra-op threads spin against other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Attn(nn.Module):
     def __init__(self, c: int, ctx: int):
         super().__init__()

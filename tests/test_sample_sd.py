@@ -13,16 +13,6 @@ import sample
 import weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is 10-50x faster than two on a busy 2-core machine (OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd") / "tiny-sd"

@@ -3,19 +3,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import sample
 import toy
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("folder", [toy.SD_DIR, toy.FLUX_DIR], ids=["toy-sd", "toy-flux"])

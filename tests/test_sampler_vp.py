@@ -8,16 +8,6 @@ from sd_tiny import SD15_DDIM
 import sampler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is 10-50x faster than two on a busy 2-core machine (OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
 @pytest.mark.parametrize("steps", [1, 10, 50, 999])
 def test_timesteps_match_ddim(spacing, steps):

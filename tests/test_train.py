@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from test_hyperalign import _one_thread, pref_pairs, redness, tiny_pipe  # noqa: F401 (fixture)
+from test_hyperalign import pref_pairs, redness, tiny_pipe
 
 PROMPTS = [f"a red square number {i}" for i in range(6)]
 

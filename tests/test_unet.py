@@ -10,15 +10,6 @@ import unet as unet_mod
 import weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is 10-50x faster than two on a busy 2-core machine (OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = {
     # two levels, one layer per block, conv projections, per-level head counts
     "a": dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

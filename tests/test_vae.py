@@ -8,15 +8,6 @@ import vae
 import weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is 10-50x faster than two on a busy 2-core machine (OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(block_out_channels=(16, 32, 32), layers_per_block=2, norm_num_groups=8,
             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 LAYOUTS = {

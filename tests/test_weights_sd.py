@@ -14,15 +14,6 @@ import weights
 from weights import WeightsError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is 10-50x faster than two on a busy 2-core machine (OpenMP contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- diffusers -> LDM, written independently of weights.py's LDM -> diffusers rules; diffusers' converters judge both
 
 
