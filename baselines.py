@@ -44,11 +44,8 @@ class StaticLoRA(nn.Module):
     """
     def __init__(self, cfg: HyperConfig, backbone: Backbone):
         super().__init__()
-        if cfg.backbone != backbone.kind:
-            raise ValueError(f"config is for a {cfg.backbone!r} backbone, the model is {backbone.kind!r}")
+        targets = H.frozen_targets(cfg, backbone)
         self.cfg, self.backbone = cfg, backbone
-        backbone.model.requires_grad_(False)
-        targets = lora.find_targets(backbone.model, cfg.targets)
         self.names = [t.name for t in targets]
         R = cfg.rank
         # NOTE: A is random and B zero (the usual LoRA init, Hu et al. 2021), so the model starts as the base model,

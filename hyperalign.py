@@ -232,17 +232,24 @@ class HyperNet(nn.Module):
                 for i, t in enumerate(self.targets)}
 
 
+def frozen_targets(cfg: HyperConfig, backbone: Backbone) -> list[lora.Target]:
+    """Check that `cfg` fits `backbone`, freeze the generator, and return its LoRA target layers (shared by
+    HyperAlign and the static-LoRA baseline, which differ only in where Δθ comes from)."""
+    if cfg.backbone != backbone.kind:
+        raise ValueError(f"config is for a {cfg.backbone!r} backbone, the model is {backbone.kind!r}")
+    backbone.model.requires_grad_(False)
+    return lora.find_targets(backbone.model, cfg.targets)
+
+
 class HyperAlign(nn.Module):
     """Backbone (frozen, not a submodule: never saved, never trained) + HyperNet (trained)."""
     def __init__(self, cfg: HyperConfig, backbone: Backbone):
         super().__init__()
-        if cfg.backbone != backbone.kind:
-            raise ValueError(f"config is for a {cfg.backbone!r} backbone, the model is {backbone.kind!r}")
+        targets = frozen_targets(cfg, backbone)
         self.cfg, self.backbone = cfg, backbone
-        backbone.model.requires_grad_(False)
         backbone.encoder_depth = cfg.encoder_depth
         feat_dim, emb_dim = backbone.feature_dims()
-        self.hypernet = HyperNet(cfg, lora.find_targets(backbone.model, cfg.targets), feat_dim, emb_dim)
+        self.hypernet = HyperNet(cfg, targets, feat_dim, emb_dim)
 
     def factors(self, x_t: Tensor, t: Tensor, cond) -> lora.Factors:
         """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample."""
