@@ -27,12 +27,19 @@ def run(out, *extra, kind="vp", reward=redness, **kw):
 def test_short_run_raises_the_reward_and_writes_its_files(tmp_path):
     m = run(tmp_path, "--steps", "8", "--lambda-reg", "0.1")
     assert m["reward_aligned"] > m["reward_base"] + 1e-3, m
+    assert m["reward_change"] == pytest.approx(m["reward_aligned"] - m["reward_base"]) and m["reward_change_se"] >= 0
     for f in ("hypernet.safetensors", "config.json", "optim.pt", "metrics.jsonl", "metrics.json", "samples.png"):
         assert os.path.isfile(tmp_path / f), f
     log = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 9))
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])      # the loss went down
     assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))               # atomic writes completed
+
+
+def test_paired_change_is_the_mean_difference_with_its_standard_error():
+    m = train.paired_change("judge", torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert m["judge_change"] == pytest.approx(0.5)
+    assert m["judge_change_se"] == pytest.approx(torch.tensor([1.0, 0, 0, 1]).std().item() / 2)
 
 
 def test_checkpoint_round_trip_and_resume_equality(tmp_path):
