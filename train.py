@@ -147,7 +147,8 @@ def pref_stream(reader, batch_size: int, resolution: int, skip_batches: int,
 
 @torch.no_grad()
 def evaluate(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], seed: int, judge=None, batch: int = 16) -> dict:
-    """Reward (and the toy judge) of base and aligned samples from the same x_T: held-out prompts, fixed seeds."""
+    """Reward (and the toy judge) of base and aligned samples from the same x_T: held-out prompts, fixed seeds (the
+    noise of sample i is seeded with seed + batch start, so a repeated prompt gets new noise)."""
     device = ha.hypernet.proj.weight.device
     out = {"base": [], "aligned": []}
     for i in range(0, len(prompts), batch):
@@ -310,7 +311,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--prompts", default=None, help="training prompts, one per line (toy: the world's train split)")
     p.add_argument("--eval-prompts", default=None, help="held-out prompts, one per line (toy: held-out split)")
-    p.add_argument("--n-eval", type=int, default=256, help="held-out prompts evaluated at the end (toy: of 414)")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out prompts evaluated at the end (toy: all 414, "
+                   "else 64)")
+    p.add_argument("--eval-seeds", type=int, default=None, help="seeds per held-out prompt (toy 2, else 1)")
     p.add_argument("--eval-batch", type=int, default=None, help="samples per evaluation batch (toy 16; else "
                    "--batch-size: every sample holds its own merged weights)")
     p.add_argument("--save-every", type=int, default=50)
@@ -327,8 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     args = p.parse_args(argv)
     toy = args.model in TOY
-    for name in ("steps", "batch_size", "n_eval", "eval_batch", "save_every", "key_steps", "sample_steps", "rank", "resolution",
-                 "threads"):
+    for name in ("steps", "batch_size", "n_eval", "eval_seeds", "eval_batch", "save_every", "key_steps",
+                 "sample_steps", "rank", "resolution", "threads"):
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("steps", "n_eval") else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -340,6 +343,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.lr = args.lr or (3e-4 if toy else 1e-4)
     args.sample_steps = args.sample_steps or (20 if toy else None)
     args.eval_batch = args.eval_batch or (16 if toy else args.batch_size)
+    args.eval_seeds = args.eval_seeds or (2 if toy else 1)
+    if args.n_eval is None:
+        args.n_eval = 414 if toy else 64
     if toy and args.threads is None:
         args.threads = 1  # NOTE: toy-sized ops gain little from a 2nd thread and lose 10-30x when the cores are busy
     if toy and args.guidance is None and args.model == "toy-sd":
@@ -375,6 +381,7 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
         judge = judge or toy_world.judge
     prompts = prompts or read_lines(args.prompts)
     eval_prompts = (eval_prompts or (read_lines(args.eval_prompts) if args.eval_prompts else prompts))[:args.n_eval]
+    eval_prompts = eval_prompts * args.eval_seeds     # every copy of a prompt starts from its own x_T
     if reward is None:
         import rewards
         reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer,
