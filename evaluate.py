@@ -149,7 +149,8 @@ def hyperalign_run(folder: str, pipe: train.Pipe, preset: str, variant: str, ste
         args = train.parse_args(["--model", preset, "--preset", preset, "--variant", variant, "--steps", str(steps),
                                  "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lambda-reg", str(lam),
                                  "--sample-steps", str(pipe.steps), "--save-every", str(max(steps, 1)),
-                                 "--seed", str(a.seed), "--out", folder, "--no-eval"])
+                                 "--seed", str(a.seed), "--out", folder, "--no-eval",
+                                 "--threads", str(torch.get_num_threads())])  # keep the table's thread count
         train.run(args, pipe=pipe, reward=reward, prefs_reader=prefs_reader, prompts=prompts, eval_prompts=prompts)
     return H.load(folder, pipe.backbone)[0]
 
@@ -279,7 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=60, help="training steps of every trained row")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-prompts", type=int, default=16, help="held-out prompts")
+    p.add_argument("--n-prompts", type=int, default=64, help="held-out prompts")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (diversity needs >= 2)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py; real: model's)")
     p.add_argument("--bon", type=int, default=8, help="N of Best-of-N")
