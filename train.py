@@ -333,7 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "n_eval", "eval_seeds", "eval_batch", "save_every", "key_steps",
                  "sample_steps", "rank", "resolution", "threads"):
         v = getattr(args, name)
-        if v is not None and v < (0 if name in ("steps", "n_eval") else 1):
+        if v is not None and v < (0 if name == "steps" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.lambda_reg < 0 or (args.lr is not None and not args.lr > 0):
         p.error("--lambda-reg must be >= 0 and --lr > 0")

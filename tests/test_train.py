@@ -73,8 +73,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
-    for bad in (["--steps", "-1"], ["--variant", "X"], ["--batch-size", "0"], ["--lr", "-1"],
-                ["--model", "/nowhere/sd15"]):
+    for bad in (["--steps", "-1"], ["--variant", "X"], ["--batch-size", "0"], ["--lr", "-1"], ["--n-eval", "0"],
+                ["--eval-seeds", "0"], ["--model", "/nowhere/sd15"]):
         with pytest.raises(SystemExit) as e:
             train.main(["--out", str(tmp_path), *bad])
         assert e.value.code == 2, bad
