@@ -149,12 +149,17 @@ def layout(caption: str, seed: int = 0) -> list[tuple[Obj, int, int, int]]:
     return [(p.objects[0], sa, va, ua), (p.objects[1], sb, vb, ub)]
 
 
-def render(caption: str, seed: int = 0) -> Image.Image:
-    """Draw the caption at random sizes and positions (deterministic in (caption, seed)); anti-aliased RGB."""
+def render(caption: str, seed: int = 0, omit: int | None = None) -> Image.Image:
+    """Draw the caption at random sizes and positions (deterministic in (caption, seed)); anti-aliased RGB.
+
+    `omit` leaves the object of that index out of the same layout (the preference data's 'missing object' render).
+    """
     k = SUPERSAMPLE
     img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    for obj, s, cx, cy in layout(caption, seed):
+    for i, (obj, s, cx, cy) in enumerate(layout(caption, seed)):
+        if i == omit:
+            continue
         x0, y0 = (cx - s / 2) * k, (cy - s / 2) * k
         x1, y1 = x0 + s * k - 1, y0 + s * k - 1
         fill = PALETTE[obj.colour]

@@ -21,25 +21,38 @@ from toy_train import BuildConfig, _opt, _save, _step, pixels, tokenize, twin
 
 # ------------------------------------------------------------------------------------------------------------ prefs
 
-DEGRADATIONS = ("blur", "noise", "washed", "cast", "wrong")
+# NOTE: the rejected images cover the two things people mark down in real preference data: quality (blur, noise,
+# washed-out, a colour cast, blotchy off-palette colours) and alignment (a wrong attribute or relation, a missing
+# object). Without the last two kinds the preference model cannot see the errors reward hacking makes on the toy
+# (objects that split into off-colour blotches or vanish); with them its score falls on hacked samples.
+DEGRADATIONS = ("blur", "noise", "washed", "cast", "wrong", "missing", "tint")
 
 
 def degrade(caption: str, seed: int, kind: str, rng: random.Random):
-    """The rejected image of a pair: the clean render degraded, or a render of a wrong-attribute twin caption."""
+    """The rejected image of a pair: the clean render degraded, a render of a wrong-attribute twin caption, or the
+    same layout with one object left out."""
     from PIL import ImageFilter
     if kind == "wrong":
         return toy.render(twin(caption, rng), seed)
+    if kind == "missing":  # a one-object caption leaves the empty canvas
+        return toy.render(caption, seed, omit=rng.randrange(len(toy.parse(caption).objects)))
     img = toy.render(caption, seed)
     if kind == "blur":
         return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 1.5)))
     x = toy.to_tensor([img])
+    g = torch.Generator().manual_seed(seed)
     if kind == "noise":
-        x = x + rng.uniform(0.08, 0.2) * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        x = x + rng.uniform(0.08, 0.2) * torch.randn(x.shape, generator=g)
     elif kind == "washed":
         a = rng.uniform(0.3, 0.6)
         x = (1 - a) * x + a * 0.5
-    else:  # a colour cast on one channel
+    elif kind == "cast":  # on one channel, over the whole image
         x[:, rng.randrange(3)] += rng.uniform(0.25, 0.5)
+    else:  # tint: the objects pulled towards another palette colour by a smooth random amount (blotches)
+        amount = rng.uniform(0.3, 0.7) * F.interpolate(torch.rand(1, 1, 4, 4, generator=g), size=x.shape[-2:],
+                                                       mode="bilinear", align_corners=False)
+        target = torch.tensor(toy.PALETTE[rng.choice(toy.COLOURS)]).view(1, 3, 1, 1) / 255
+        x = x + (x.amax(1, keepdim=True) > 0.2) * amount * (target - x)
     return toy.to_pil(x.clamp(0, 1))[0]
 
 

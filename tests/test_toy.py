@@ -156,6 +156,37 @@ def test_toy_rewards_follow_the_contract():
         assert (pref(x, caps) > pref((x + 0.15 * torch.randn_like(x)).clamp(0, 1), caps)).all()
 
 
+def test_rejected_kinds_fail_the_judge_where_they_should():
+    """Each kind of rejected image: the alignment kinds fail the judge, the quality kinds keep the layout."""
+    import random
+    import toy_eval
+    cap = "a red circle left of a blue square"
+    clean = toy.render_batch([cap], [4])
+    out = {k: toy.to_tensor([toy_eval.degrade(cap, 4, k, random.Random(1))]) for k in toy_eval.DEGRADATIONS}
+    judged = {k: toy.judge(x, [cap]) for k, x in out.items()}
+    assert judged["missing"]["count"].item() == 0 and len(toy.detect(out["missing"])[0]) == 1
+    assert toy.to_tensor([toy_eval.degrade("a red circle", 4, "missing", random.Random(1))]).max() == 0  # empty canvas
+    assert judged["wrong"]["overall"].item() == 0
+    assert not out["tint"].equal(clean)
+    background = clean.amax(1) < 0.2
+    assert (out["tint"] - clean).abs().amax(1)[background].max() == 0  # tint touches the objects only
+    for k in ("blur", "washed"):
+        assert judged[k]["count"].item() == 1, k
+
+
+def test_toy_preference_prefers_the_clean_render_to_each_kind_of_rejected_one():
+    import random
+    import toy_eval
+    caps = ["a red circle left of a blue square", "a yellow triangle above a cyan circle", "a green square"]
+    pref = toy.toy_preference()
+    clean = toy.render_batch(caps, [10**7, 10**7 + 1, 10**7 + 2])
+    with torch.no_grad():
+        r_clean = pref(clean, caps)
+        for k in ("blur", "noise", "washed", "cast", "missing", "tint"):
+            bad = toy.to_tensor([toy_eval.degrade(c, 10**7 + i, k, random.Random(i)) for i, c in enumerate(caps)])
+            assert (r_clean > pref(bad, caps)).all(), k
+
+
 def test_preference_data_reads_with_the_real_reader():
     import prefs
     reader = prefs.open_prefs(toy.PREFS_PATH)
