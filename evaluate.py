@@ -277,9 +277,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hyper", nargs="*", default=[], help="real model: trained HyperAlign folders (rows)")
     p.add_argument("--static", default=None, help="real model: a static LoRA folder (row)")
     p.add_argument("--variants", default="S,I,P")
-    p.add_argument("--train-steps", type=int, default=60, help="training steps of every trained row")
+    p.add_argument("--train-steps", type=int, default=train.TOY_STEPS, help="training steps of every trained row")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=train.TOY_LR, help="learning rate of every trained row")
     p.add_argument("--n-prompts", type=int, default=64, help="held-out prompts")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (diversity needs >= 2)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py; real: model's)")
@@ -348,7 +348,8 @@ def main(argv=None) -> None:
             if model not in train.TOY:
                 raise ValueError(f"--models: {model!r} is not a toy model ({', '.join(train.TOY)}); use --model PATH")
             print(f"== {model}", flush=True)
-            pipe = train.load_pipe(model, "cpu", torch.float32, None, a.sample_steps or 20, None)
+            pipe = train.load_pipe(model, "cpu", torch.float32, None, a.sample_steps or 20,
+                                   train.TOY_SD_CFG if model == "toy-sd" else None)  # train.py's toy settings
             rows = method_rows(pipe, model, os.path.join(a.out, model), a, train_reward, prompts, reader,
                                ablation=model == "toy-sd" and not a.no_ablation)
             tables[model] = evaluate_rows(rows, pipe, heldout, list(range(a.seeds)), score, toy.judge,

@@ -37,6 +37,9 @@ import sampler
 from hyperalign import Backbone, HyperAlign, HyperConfig
 
 TOY = ("toy-sd", "toy-flux")
+# the toy defaults, shared with evaluate.py's table; the toy SD's CFG scale is the one its U-Net was trained for
+# (toy_train.py), and the toy FLUX is schnell-style, unguided
+TOY_STEPS, TOY_LR, TOY_SD_CFG = 150, 3e-4, 5.0
 
 
 # -------------------------------------------------------------------------------------------------------- pipeline
@@ -339,8 +342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lambda-reg must be >= 0 and --lr > 0")
     if not toy and (args.reward is None or args.prompts is None):
         p.error("a real model needs --reward and --prompts (and --prefs unless --lambda-reg 0)")
-    args.steps = args.steps if args.steps is not None else (150 if toy else 2000)
-    args.lr = args.lr or (3e-4 if toy else 1e-4)
+    args.steps = args.steps if args.steps is not None else (TOY_STEPS if toy else 2000)
+    args.lr = args.lr or (TOY_LR if toy else 1e-4)
     args.sample_steps = args.sample_steps or (20 if toy else None)
     args.eval_batch = args.eval_batch or (16 if toy else args.batch_size)
     args.eval_seeds = args.eval_seeds or (2 if toy else 1)
@@ -349,7 +352,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if toy and args.threads is None:
         args.threads = 1  # NOTE: toy-sized ops gain little from a 2nd thread and lose 10-30x when the cores are busy
     if toy and args.guidance is None and args.model == "toy-sd":
-        args.guidance = 5.0  # the toy U-Net's CFG scale (toy_train.py); the toy FLUX is schnell-style, unguided
+        args.guidance = TOY_SD_CFG
     return args
 
 
