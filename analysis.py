@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="toy-sd", help="toy-sd, toy-flux, or an SD1.5 / FLUX path")
     p.add_argument("--hyper", default=None, help="a trained HyperAlign folder (default runs/table/MODEL/hyperalign-S)")
-    p.add_argument("--prompts", default=None, help="prompts, one per line (toy: held-out ones)")
+    p.add_argument("--prompts", default=None, help="prompts, one per line (toy: unseen ones, the split train.py scores)")
     p.add_argument("--n-prompts", type=int, default=8)
     p.add_argument("--seeds", type=int, default=6, help="seeds per prompt for the PCA")
     p.add_argument("--key-steps", type=int, default=3)
@@ -155,7 +155,7 @@ def main(argv=None) -> None:
         prompts = train.read_lines(a.prompts)[:a.n_prompts]
     else:
         import toy
-        prompts = toy.eval_prompts("heldout", a.n_prompts)
+        prompts = toy.eval_prompts("unseen", a.n_prompts)
     hyper = a.hyper or os.path.join("runs", "table", a.model, "hyperalign-S")
     ha, saved = H.load(hyper, pipe.backbone)
     os.makedirs(a.out, exist_ok=True)

@@ -313,7 +313,7 @@ def main(argv=None) -> None:
         toy = args.model in train.TOY
         if toy:
             import toy as toy_world
-        prompts = toy_world.prompts("train") if toy else train.read_lines(args.prompts)
+        prompts = toy_world.prompts("hyper-train") if toy else train.read_lines(args.prompts)  # as train.py
         reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer, device=device)
         reader = None
         if known.method == "direct-align":

@@ -342,7 +342,7 @@ def main(argv=None) -> None:
         import toy
         train_reward = rewards.parse_reward_spec(a.reward or "toy-pref")
         score = rewards.parse_reward_spec(a.score or "toy-pref,toy-clip")
-        prompts, heldout = toy.prompts("train"), toy.eval_prompts("heldout", a.n_prompts)
+        prompts, heldout = toy.prompts("hyper-train"), toy.eval_prompts("unseen", a.n_prompts)  # as train.py
         reader = prefs.open_prefs(toy.PREFS_PATH)
         for model in [m for m in a.models.split(",") if m]:
             if model not in train.TOY:
@@ -354,7 +354,7 @@ def main(argv=None) -> None:
                                ablation=model == "toy-sd" and not a.no_ablation)
             tables[model] = evaluate_rows(rows, pipe, heldout, list(range(a.seeds)), score, toy.judge,
                                           clip_embedder(score))
-            md.append(markdown(f"{model}: {len(heldout)} held-out prompts x {a.seeds} seeds, {a.train_steps} "
+            md.append(markdown(f"{model}: {len(heldout)} unseen prompts x {a.seeds} seeds, {a.train_steps} "
                                f"training steps, batch {a.batch_size}", tables[model]))
             md.append(claims(tables[model], f"reward/{next(iter(train_reward.rewards))}"))
     minutes = (time.time() - t_start) / 60

@@ -104,10 +104,23 @@ def is_heldout(caption: str) -> bool:
     return p.relation is not None and any((o.colour, o.shape) in HELDOUT_BINDINGS for o in p.objects)
 
 
+def is_unseen(caption: str) -> bool:
+    """A train-split relation that HyperAlign never trains on (a fixed third of them, by a stable hash)."""
+    return parse(caption).relation is not None and not is_heldout(caption) and zlib.crc32(caption.encode()) % 3 == 0
+
+
+SPLITS = ("train", "heldout", "all", "hyper-train", "unseen")
+
+
 def prompts(split: str) -> list[str]:
-    """'train' (18 singles + 666 relations), 'heldout' (414 relations) or 'all'."""
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    """'train' (18 singles + 648 relations: the toy models' training prompts), 'heldout' (432 relations with a
+    colour-shape binding no model saw in a relation), 'all', and the train split divided for HyperAlign:
+    'hyper-train' (467 prompts the hypernetwork trains on) and 'unseen' (the other 199 relations: new prompts from
+    the distribution the base model knows, as the paper's test prompts are)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split in ("hyper-train", "unseen"):
+        return [p for p in prompts("train") if is_unseen(p) == (split == "unseen")]
     return [p for p in all_prompts() if split == "all" or is_heldout(p) == (split == "heldout")]
 
 

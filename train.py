@@ -312,10 +312,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale (SD 7.5, toy 5) / distilled guidance (FLUX-dev 3.5)")
     p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--prompts", default=None, help="training prompts, one per line (toy: the world's train split)")
-    p.add_argument("--eval-prompts", default=None, help="held-out prompts, one per line (toy: held-out split)")
-    p.add_argument("--n-eval", type=int, default=None, help="held-out prompts evaluated at the end (toy: all 414, "
-                   "else 64)")
+    p.add_argument("--prompts", default=None, help="training prompts, one per line (toy: the 'hyper-train' split)")
+    p.add_argument("--eval-prompts", default=None, help="held-out prompts, one per line (toy: the 'unseen' split, "
+                   "then the 'heldout' split of new compositions)")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out prompts evaluated at the end, per split "
+                   "(toy: all of them, else 64)")
     p.add_argument("--eval-seeds", type=int, default=None, help="seeds per held-out prompt (toy 2, else 1)")
     p.add_argument("--eval-batch", type=int, default=None, help="samples per evaluation batch (toy 16; else "
                    "--batch-size: every sample holds its own merged weights)")
@@ -347,8 +348,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.sample_steps = args.sample_steps or (20 if toy else None)
     args.eval_batch = args.eval_batch or (16 if toy else args.batch_size)
     args.eval_seeds = args.eval_seeds or (2 if toy else 1)
-    if args.n_eval is None:
-        args.n_eval = 414 if toy else 64
+    if args.n_eval is None and not toy:
+        args.n_eval = 64
     if toy and args.threads is None:
         args.threads = 1  # NOTE: toy-sized ops gain little from a 2nd thread and lose 10-30x when the cores are busy
     if toy and args.guidance is None and args.model == "toy-sd":
@@ -377,14 +378,19 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
     toy = args.model in TOY and pipe is None          # tests pass their own tiny pipe: no toy world then
     if pipe is None:
         pipe = load_pipe(args.model, device, dtype, args.resolution, args.sample_steps, args.guidance, args.tokenizer)
+    extra_eval: dict[str, list[str]] = {}            # further held-out sets, reported under their own key
     if toy:
         import toy as toy_world
-        prompts = prompts or toy_world.prompts("train")
-        eval_prompts = eval_prompts or toy_world.eval_prompts("heldout", args.n_eval)
+        # NOTE: the hypernetwork trains on 2/3 of the toy models' training prompts. It is scored on the other third
+        # ('unseen': new prompts whose words and bindings the base model knows, like the paper's test prompts) and
+        # then on the new compositions of the 'heldout' split, which the base model never saw either.
+        prompts = prompts or toy_world.prompts("hyper-train")
+        n = args.n_eval or len(toy_world.prompts("all"))
+        eval_prompts = eval_prompts or toy_world.eval_prompts("unseen", n)
+        extra_eval = {"heldout": toy_world.eval_prompts("heldout", n)}
         judge = judge or toy_world.judge
     prompts = prompts or read_lines(args.prompts)
     eval_prompts = (eval_prompts or (read_lines(args.eval_prompts) if args.eval_prompts else prompts))[:args.n_eval]
-    eval_prompts = eval_prompts * args.eval_seeds     # every copy of a prompt starts from its own x_T
     if reward is None:
         import rewards
         reward = rewards.parse_reward_spec(args.reward or "toy-pref", tokenizer=args.reward_tokenizer,
@@ -459,9 +465,13 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
                "trainable_params": sum(p.numel() for p in ha.hypernet.parameters())}
     distributed.close()
     if not args.no_eval and ctx.main:
-        m, images = evaluate(ha, pipe, reward, eval_prompts, seed=10_000 + args.seed, judge=judge,
-                             batch=args.eval_batch)  # per-sample weights: memory grows with the batch
+        # every copy of a prompt starts from its own x_T; per-sample weights: memory grows with the batch
+        m, images = evaluate(ha, pipe, reward, eval_prompts * args.eval_seeds, seed=10_000 + args.seed, judge=judge,
+                             batch=args.eval_batch)
         metrics.update(m)
+        for name, extra in extra_eval.items():
+            metrics[name] = evaluate(ha, pipe, reward, extra * args.eval_seeds, seed=20_000 + args.seed,
+                                     judge=judge, batch=args.eval_batch)[0]
         save_grid(images, os.path.join(args.out, "samples.png"))
         atomic_write(os.path.join(args.out, "metrics.json"),
                      lambda p: open(p, "w").write(json.dumps(metrics, indent=2)))

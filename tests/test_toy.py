@@ -28,6 +28,12 @@ def test_grammar_and_splits():
         q = toy.parse(p)
         assert q.relation and any((o.colour, o.shape) in toy.HELDOUT_BINDINGS for o in q.objects)
     assert all(p in train for p in every[:18])
+    # HyperAlign's division of the train split: disjoint, complete, relations only unseen, fixed sizes
+    hyper, unseen = set(toy.prompts("hyper-train")), set(toy.prompts("unseen"))
+    assert hyper.isdisjoint(unseen) and hyper | unseen == train and (len(hyper), len(unseen)) == (467, 199)
+    assert all(toy.parse(p).relation for p in unseen) and all(p in hyper for p in every[:18])
+    with pytest.raises(ValueError, match="split must be"):
+        toy.prompts("test")
     with pytest.raises(ValueError, match="toy-world caption"):
         toy.parse("a purple circle")
     with pytest.raises(ValueError):

@@ -137,3 +137,23 @@ def test_bf16_model_with_gradient_checkpointing_trains(tmp_path):
     sd = load_file(tmp_path / "hypernet.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())
     assert any(k.startswith("b_aux.") and v.abs().sum() > 0 for k, v in sd.items())
+
+
+def test_toy_default_trains_on_hyper_train_and_scores_unseen_then_heldout(tmp_path, monkeypatch):
+    """The toy world's default: prompts from 'hyper-train', scored on 'unseen' (top level) and 'heldout' (nested)."""
+    import toy
+    seen = {}
+    real = train.evaluate
+
+    def spy(ha, pipe, reward, prompts, seed, judge=None, batch=16):
+        seen[seed] = list(prompts)
+        return real(ha, pipe, reward, prompts, seed, judge, batch)
+    monkeypatch.setattr(train, "evaluate", spy)
+    a = train.parse_args(["--out", str(tmp_path), "--variant", "I", "--steps", "1", "--batch-size", "1",
+                          "--sample-steps", "2", "--n-eval", "2", "--eval-seeds", "1", "--lambda-reg", "0"])
+    m = train.run(a)
+    assert set(seen[10_000]) <= set(toy.prompts("unseen")) and set(seen[20_000]) <= set(toy.prompts("heldout"))
+    assert len(seen[10_000]) == len(seen[20_000]) == 2
+    for part in (m, m["heldout"]):
+        assert {"reward_base", "reward_aligned", "judge_base", "judge_aligned", "judge_change"} <= set(part)
+    assert json.load(open(tmp_path / "metrics.json"))["heldout"]["judge_base_parts"]["count"] >= 0
