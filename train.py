@@ -13,7 +13,8 @@ rows of every global batch (N x --batch-size), rank 0 writes the files; without 
 
 Writes DIR/hypernet.safetensors + DIR/config.json (enough to rebuild; sample.py --hyper DIR), DIR/optim.pt (resume),
 DIR/metrics.jsonl during training, and at the end DIR/metrics.json (reward and toy judge, base vs aligned, held-out
-prompts, fixed seeds) and DIR/samples.png (top row base, bottom row aligned).
+prompts, fixed seeds; toy: the 'unseen' split, and the 'heldout' compositions under their own key) and
+DIR/samples.png (top row base, bottom row aligned).
 """
 from __future__ import annotations
 
