@@ -74,10 +74,11 @@ def _times(pipe: train.Pipe, values: list, device) -> Tensor:
 
 
 def static_lora_step(sl: StaticLoRA, pipe: train.Pipe, reward, prompts: list[str], pref: dict | None, lam: float,
-                     gen: torch.Generator) -> dict:
+                     gen: torch.Generator, reward_from: float = 0.0) -> dict:
     """One step of reward fine-tuning with the loss HyperAlign uses (train.train_step), batched: one LoRA for all.
 
-    Roll out with the current LoRA (no gradient), pick a random step k per sample, L_R on the one-step prediction at
+    Roll out with the current LoRA (no gradient), pick a random step k per sample (from `reward_from` of the way
+    along, as train.train_step), L_R on the one-step prediction at
     x_k (CFG as in sampling); L_G on noised preferred images at a random trajectory time. Backward into A, B only.
     """
     device = sl.A[0].device
@@ -85,7 +86,7 @@ def static_lora_step(sl: StaticLoRA, pipe: train.Pipe, reward, prompts: list[str
     cond, uncond = pipe.conds(prompts)
     x_T = pipe.noise(B, gen, device)
     traj = pipe.rollout(sl.sampler_model(), x_T, cond, uncond)
-    ks = torch.randint(0, pipe.steps, (B,), generator=gen)
+    ks = torch.randint(train.first_reward_step(pipe.steps, reward_from), pipe.steps, (B,), generator=gen)
     x_k = traj["x_t"][ks, torch.arange(B)]                                        # (B, ...) each at its own step
     t_k = _times(pipe, [traj["t"][k] for k in ks.tolist()], device)
     loss_r, r = H.reward_loss(sl, sl.factors(), x_k, t_k, cond, uncond, pipe.guidance, pipe.decode, reward, prompts)
@@ -178,7 +179,7 @@ def direct_align_step(sl: StaticLoRA, pipe: train.Pipe, reward, prompts: list[st
 
 def train_static(pipe: train.Pipe, reward, prompts: list[str], cfg: HyperConfig, steps: int, batch_size: int = 4,
                  lr: float = 1e-3, lam: float = 1.0, prefs_reader=None, method: str = "reward", seed: int = 0,
-                 out: str | None = None, device=None) -> tuple[StaticLoRA, list[dict]]:
+                 out: str | None = None, device=None, reward_from: float = 0.0) -> tuple[StaticLoRA, list[dict]]:
     """Train a static LoRA with `method` "reward" (L_R + λ L_G, like HyperAlign) or "direct-align" (flow; `reward` is
     used as given: pass srpo_reward(...) for SRPO). Same prompt batches, AdamW, clipping and step seeds as train.py,
     so runs with equal steps are matched. Saves DIR/static_lora.safetensors + DIR/config.json when `out` is given."""
@@ -196,7 +197,7 @@ def train_static(pipe: train.Pipe, reward, prompts: list[str], cfg: HyperConfig,
         batch = [prompts[i] for i in torch.randint(0, len(prompts), (batch_size,), generator=gen).tolist()]
         opt.zero_grad(set_to_none=True)
         if method == "reward":
-            log = static_lora_step(sl, pipe, reward, batch, next(prefs) if prefs else None, lam, gen)
+            log = static_lora_step(sl, pipe, reward, batch, next(prefs) if prefs else None, lam, gen, reward_from)
         else:
             log = direct_align_step(sl, pipe, reward, batch, gen)
         torch.nn.utils.clip_grad_norm_(sl.parameters(), 1.0)
@@ -204,7 +205,7 @@ def train_static(pipe: train.Pipe, reward, prompts: list[str], cfg: HyperConfig,
         logs.append({"step": step + 1, **log})
     if out is not None:
         save_static(out, sl, {"method": method, "steps": steps, "batch_size": batch_size, "lr": lr, "lambda": lam,
-                              "seed": seed})
+                              "reward_from": reward_from, "seed": seed})
     return sl, logs
 
 
@@ -324,7 +325,7 @@ def main(argv=None) -> None:
                                  ("toy-sd" if toy else "sd15"))
         cfg = HyperConfig.preset(preset, **({"rank": args.rank, "alpha": float(args.rank)} if args.rank else {}))
         train_static(pipe, reward, prompts, cfg, args.steps, args.batch_size, args.lr, args.lambda_reg, reader,
-                     known.method, args.seed, out=args.out, device=device)
+                     known.method, args.seed, out=args.out, device=device, reward_from=args.reward_from)
     except ValueError as e:  # bad user input: paths, specs, a VP model for direct-align
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -143,7 +143,7 @@ def _trained(folder: str, steps: int, key: str) -> bool:
 
 
 def hyperalign_run(folder: str, pipe: train.Pipe, preset: str, variant: str, steps: int, a, reward, prompts,
-                   prefs_reader, lam: float = 1.0) -> H.HyperAlign:
+                   prefs_reader, lam: float = train.LAMBDA) -> H.HyperAlign:
     """Train (train.run) unless DIR already holds this many steps; then load it."""
     if not _trained(folder, steps, "hyper"):
         args = train.parse_args(["--model", preset, "--preset", preset, "--variant", variant, "--steps", str(steps),
@@ -158,8 +158,8 @@ def hyperalign_run(folder: str, pipe: train.Pipe, preset: str, variant: str, ste
 def static_run(folder: str, pipe: train.Pipe, preset: str, steps: int, a, reward, prompts, prefs_reader,
                method: str = "reward") -> BL.StaticLoRA:
     if not _trained(folder, steps, "static"):
-        BL.train_static(pipe, reward, prompts, H.HyperConfig.preset(preset), steps, a.batch_size, a.lr, 1.0,
-                        prefs_reader, method, a.seed, out=folder)
+        BL.train_static(pipe, reward, prompts, H.HyperConfig.preset(preset), steps, a.batch_size, a.lr, train.LAMBDA,
+                        prefs_reader, method, a.seed, out=folder, reward_from=train.REWARD_FROM)
     return BL.load_static(folder, pipe.backbone)[0]
 
 
@@ -190,7 +190,7 @@ def method_rows(pipe: train.Pipe, preset: str, root: str, a, train_reward, promp
                          {"train_steps": a.train_steps}))
     if ablation:
         zero = lambda images, prompts: images.sum((1, 2, 3)) * 0.0  # noqa: E731  (L_R switched off)
-        for name, lam, r in (("ablation: L_R only", 0.0, train_reward), ("ablation: L_G only", 1.0, zero)):
+        for name, lam, r in (("ablation: L_R only", 0.0, train_reward), ("ablation: L_G only", train.LAMBDA, zero)):
             folder = os.path.join(root, "ablation-" + ("reward" if r is train_reward else "reg"))
             ha = hyperalign_run(folder, pipe, preset, "I", a.train_steps, a, r, prompts, prefs_reader, lam)
             rows.append((name, sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c)),

@@ -41,6 +41,16 @@ TOY = ("toy-sd", "toy-flux")
 # the toy defaults, shared with evaluate.py's table; the toy SD's CFG scale is the one its U-Net was trained for
 # (toy_train.py), and the toy FLUX is schnell-style, unguided
 TOY_STEPS, TOY_LR, TOY_SD_CFG = 150, 3e-4, 5.0
+# NOTE: λ and the part of the trajectory L_R is taken on are not published. L_R at a step of the later half only: from a
+# high-noise state x̂0 is a blurred average, and a preference model scores its blur, not the image. The early steps,
+# where the layout is decided, are then shaped by L_G (the preference data) alone. On the toy world this keeps the
+# judge where L_R on every step lowers it (README, "HyperAlign on the toy world").
+LAMBDA, REWARD_FROM = 3.0, 0.5
+
+
+def first_reward_step(steps: int, reward_from: float) -> int:
+    """The first sampling step (0 = the noisiest) at which L_R may be taken: `reward_from` of the way along."""
+    return min(int(reward_from * steps), steps - 1)
 
 
 # -------------------------------------------------------------------------------------------------------- pipeline
@@ -233,8 +243,12 @@ def calibrate(ha: HyperAlign, pipe: Pipe, prompts: list[str], k: int, seed: int)
 
 
 def train_step(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], pref: dict | None, lam: float,
-               gen: torch.Generator, key_steps: list[int], rows: slice = slice(None), hypernet=None) -> dict:
+               gen: torch.Generator, key_steps: list[int], rows: slice = slice(None), hypernet=None,
+               reward_from: float = 0.0) -> dict:
     """One accumulated step over the batch; gradients land in ha.hypernet only. Returns logged scalars.
+
+    L_R is taken at a step drawn uniformly from the trajectory from `reward_from` of the way along (0: every step);
+    L_G at a step drawn from the whole schedule.
 
     Under torchrun `prompts` is the global batch and `rows` this rank's part: all randomness is drawn for the global
     batch and sliced, so the ranks together do what one process does with the whole batch; `pref` is already this
@@ -248,7 +262,7 @@ def train_step(ha: HyperAlign, pipe: Pipe, reward, prompts: list[str], pref: dic
     cond, uncond = pipe.conds(prompts)
     x_T = pipe.noise(G, gen, device)[rows]
     traj = pipe.rollout(ha.sampler_model(cond), x_T, cond, uncond)                     # 1. no gradient
-    ks = torch.randint(0, pipe.steps, (G,), generator=gen)[rows].tolist()
+    ks = torch.randint(first_reward_step(pipe.steps, reward_from), pipe.steps, (G,), generator=gen)[rows].tolist()
     ts = traj["t"]
     if pref is not None:
         x0 = pipe.encode(pref["chosen"].to(device))
@@ -303,7 +317,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward", default=None, help="reward spec 'name[:path][=w],...' (toy default: toy-pref)")
     p.add_argument("--reward-tokenizer", default=None, help="CLIP tokenizer folder for rewards without one (HPS)")
     p.add_argument("--prefs", default=None, help="preference data for L_G (toy default: the toy prefs.parquet)")
-    p.add_argument("--lambda-reg", type=float, default=1.0, help="λ, weight of L_G (0: reward only)")
+    p.add_argument("--lambda-reg", type=float, default=LAMBDA, help="λ, weight of L_G (0: reward only)")
+    p.add_argument("--reward-from", type=float, default=REWARD_FROM,
+                   help="L_R at steps from this fraction of the trajectory on (0: every step; 0.5: the later half)")
     p.add_argument("--steps", type=int, default=None, help="training steps (toy default 150, real 2000)")
     p.add_argument("--batch-size", type=int, default=4, help="per process (torchrun: N processes x this)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (toy 3e-4, real 1e-4)")
@@ -342,6 +358,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.lambda_reg < 0 or (args.lr is not None and not args.lr > 0):
         p.error("--lambda-reg must be >= 0 and --lr > 0")
+    if not 0 <= args.reward_from < 1:
+        p.error(f"--reward-from must be in [0, 1), got {args.reward_from}")
     if not toy and (args.reward is None or args.prompts is None):
         p.error("a real model needs --reward and --prompts (and --prefs unless --lambda-reg 0)")
     args.steps = args.steps if args.steps is not None else (TOY_STEPS if toy else 2000)
@@ -446,7 +464,7 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
         t0 = time.time()
         try:
             log = train_step(ha, pipe, reward, batch, next(pref_iter) if pref_iter else None, args.lambda_reg,
-                             gen, key, ctx.rows(args.batch_size), net)
+                             gen, key, ctx.rows(args.batch_size), net, args.reward_from)
         except FloatingPointError as e:
             raise SystemExit(f"error: non-finite loss at step {step + 1} ({e}); stopped, the last good checkpoint "
                              f"is kept in {args.out}") from None

@@ -74,7 +74,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
     for bad in (["--steps", "-1"], ["--variant", "X"], ["--batch-size", "0"], ["--lr", "-1"], ["--n-eval", "0"],
-                ["--eval-seeds", "0"], ["--model", "/nowhere/sd15"]):
+                ["--eval-seeds", "0"], ["--model", "/nowhere/sd15"], ["--reward-from", "1"], ["--reward-from", "-0.1"]):
         with pytest.raises(SystemExit) as e:
             train.main(["--out", str(tmp_path), *bad])
         assert e.value.code == 2, bad
@@ -157,3 +157,22 @@ def test_toy_default_trains_on_hyper_train_and_scores_unseen_then_heldout(tmp_pa
     for part in (m, m["heldout"]):
         assert {"reward_base", "reward_aligned", "judge_base", "judge_aligned", "judge_change"} <= set(part)
     assert json.load(open(tmp_path / "metrics.json"))["heldout"]["judge_base_parts"]["count"] >= 0
+
+
+def test_reward_steps_come_from_the_later_part_of_the_trajectory(monkeypatch):
+    """--reward-from 0.5: L_R only at steps of the later half; 0: any step (L_G always from the whole schedule)."""
+    import hyperalign as ha_mod
+    from test_hyperalign import make_ha
+    assert [train.first_reward_step(20, f) for f in (0.0, 0.5, 0.99)] == [0, 10, 19]
+    pipe = tiny_pipe("vp")
+    pipe.steps = 6
+    ha, ts = make_ha(pipe, "S"), pipe.timesteps()
+    seen, real = [], ha_mod.reward_loss
+    monkeypatch.setattr(ha_mod, "reward_loss", lambda *a, **k: seen.append(float(a[3][0])) or real(*a, **k))
+    for reward_from in (0.5, 0.0):
+        seen.clear()
+        for i in range(8):
+            train.train_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(i), [],
+                             reward_from=reward_from)
+        steps = {[float(t) for t in ts].index(t) for t in seen}
+        assert steps <= set(range(3, 6)) if reward_from else len(steps & {0, 1, 2}) > 0, (reward_from, steps)
