@@ -280,7 +280,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=train.TOY_STEPS, help="training steps of every trained row")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=train.TOY_LR, help="learning rate of every trained row")
-    p.add_argument("--n-prompts", type=int, default=64, help="held-out prompts")
+    p.add_argument("--n-prompts", type=int, default=64, help="held-out prompts (toy: of the 'unseen' split)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (diversity needs >= 2)")
     p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py; real: model's)")
     p.add_argument("--bon", type=int, default=8, help="N of Best-of-N")

@@ -124,10 +124,10 @@ def prompts(split: str) -> list[str]:
     return [p for p in all_prompts() if split == "all" or is_heldout(p) == (split == "heldout")]
 
 
-def eval_prompts(split: str, n: int = 64, seed: int = 0) -> list[str]:
-    """A fixed sample of n prompts of a split, the relational ones first-class: what the reported accuracies use."""
+def eval_prompts(split: str, n: int | None = 64, seed: int = 0) -> list[str]:
+    """A fixed sample of n prompts of a split (None: all of them, shuffled): what the reported accuracies use."""
     ps = prompts(split)
-    return random.Random(seed).sample(ps, min(n, len(ps)))
+    return random.Random(seed).sample(ps, len(ps) if n is None else min(n, len(ps)))
 
 
 def _seed(caption: str, seed: int) -> int:

@@ -404,9 +404,8 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
         # ('unseen': new prompts whose words and bindings the base model knows, like the paper's test prompts) and
         # then on the new compositions of the 'heldout' split, which the base model never saw either.
         prompts = prompts or toy_world.prompts("hyper-train")
-        n = args.n_eval or len(toy_world.prompts("all"))
-        eval_prompts = eval_prompts or toy_world.eval_prompts("unseen", n)
-        extra_eval = {"heldout": toy_world.eval_prompts("heldout", n)}
+        eval_prompts = eval_prompts or toy_world.eval_prompts("unseen", args.n_eval)
+        extra_eval = {"heldout": toy_world.eval_prompts("heldout", args.n_eval)}
         judge = judge or toy_world.judge
     prompts = prompts or read_lines(args.prompts)
     eval_prompts = (eval_prompts or (read_lines(args.eval_prompts) if args.eval_prompts else prompts))[:args.n_eval]
