@@ -320,7 +320,8 @@ def main(argv=None) -> None:
         if known.method == "direct-align":
             reward = srpo_reward(reward)
         elif args.lambda_reg > 0:
-            reader = prefs.open_prefs(args.prefs or toy_world.PREFS_PATH)
+            reader = (toy_world.training_prefs() if toy and not args.prefs else
+                      prefs.open_prefs(args.prefs or toy_world.PREFS_PATH))  # as train.py
         preset = args.preset or (("toy-flux" if toy else "flux-dev") if pipe.kind == "flow" else
                                  ("toy-sd" if toy else "sd15"))
         cfg = HyperConfig.preset(preset, **({"rank": args.rank, "alpha": float(args.rank)} if args.rank else {}))

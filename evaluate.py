@@ -338,12 +338,11 @@ def main(argv=None) -> None:
         md.append(markdown(a.model, tables[a.model]))
         md.append(claims(tables[a.model], f"reward/{next(iter(train_reward.rewards))}"))
     else:
-        import prefs
         import toy
         train_reward = rewards.parse_reward_spec(a.reward or "toy-pref")
         score = rewards.parse_reward_spec(a.score or "toy-pref,toy-clip")
         prompts, heldout = toy.prompts("hyper-train"), toy.eval_prompts("unseen", a.n_prompts)  # as train.py
-        reader = prefs.open_prefs(toy.PREFS_PATH)
+        reader = toy.training_prefs()  # as train.py: no pair of an evaluation prompt
         for model in [m for m in a.models.split(",") if m]:
             if model not in train.TOY:
                 raise ValueError(f"--models: {model!r} is not a toy model ({', '.join(train.TOY)}); use --model PATH")

@@ -231,6 +231,29 @@ class JSONLPrefs(_Reader):
                          load_image(os.path.join(self.image_root, r["rejected"]), where), where)]
 
 
+class Excluding:
+    """The pairs of `reader` whose prompt is not one of `prompts`.
+
+    NOTE: L_G's preference data must not contain the prompts the hypernetwork is scored on; the paper trains on
+    Pick-a-Pic / HPD prompts and tests on other sets. The toy pairs cover every train-split caption, so train.py
+    drops the evaluation prompts from them (`toy.training_prefs`)."""
+
+    def __init__(self, reader, prompts):
+        self.reader, self.prompts = reader, {p.strip() for p in prompts}
+        self.excluded = 0  # pairs dropped in the current / last pass
+
+    def __iter__(self) -> Iterator[PrefPair]:
+        self.excluded = 0
+        for pair in self.reader:
+            if pair.prompt.strip() in self.prompts:
+                self.excluded += 1
+            else:
+                yield pair
+
+    def __repr__(self) -> str:
+        return f"Excluding({self.reader!r}, {len(self.prompts)} prompts: {self.excluded} pairs dropped)"
+
+
 def open_prefs(path: str, on_error: str = "raise", **kwargs) -> _Reader:
     """The reader for `path`: *.parquet or a folder of them -> PickAPic; *.json or a folder with train.json -> HPD;
     *.jsonl or a folder with exactly one -> JSONLPrefs."""

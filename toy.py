@@ -130,6 +130,13 @@ def eval_prompts(split: str, n: int | None = 64, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(ps, len(ps) if n is None else min(n, len(ps)))
 
 
+def training_prefs():
+    """The toy preference pairs of the prompts HyperAlign trains on ('hyper-train'): the pairs of the 'unseen' and
+    'heldout' prompts, which it is scored on, are dropped (prefs.Excluding)."""
+    import prefs
+    return prefs.Excluding(prefs.open_prefs(PREFS_PATH), prompts("unseen") + prompts("heldout"))
+
+
 def _seed(caption: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{caption}".encode())      # stable across processes, unlike hash()
 

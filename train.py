@@ -155,7 +155,11 @@ def pref_stream(reader, batch_size: int, resolution: int, skip_batches: int,
     def epochs():
         while True:
             pairs = distributed.deal(iter(reader), batch_size, ctx)
-            yield from prefs.pref_batches(pairs, batch_size, resolution, drop_last=True)
+            n = 0
+            for n, batch in enumerate(prefs.pref_batches(pairs, batch_size, resolution, drop_last=True), 1):
+                yield batch
+            if n == 0:
+                raise ValueError(f"preference data {reader!r}: fewer pairs than one batch of {batch_size * ctx.world}")
     return itertools.islice(epochs(), skip_batches, None)
 
 
@@ -415,7 +419,11 @@ def run(args: argparse.Namespace, pipe: Pipe | None = None, reward=None, prefs_r
                                            device=device, dtype=getattr(torch, args.reward_dtype))
     if prefs_reader is None and args.lambda_reg > 0:
         import prefs
-        prefs_reader = prefs.open_prefs(args.prefs or __import__("toy").PREFS_PATH)
+        if toy and not args.prefs:
+            prefs_reader = toy_world.training_prefs()
+        else:  # no evaluation prompt in L_G's data (a prompt that is also a training prompt stays)
+            held = set(eval_prompts).union(*extra_eval.values()) - set(prompts)
+            prefs_reader = prefs.Excluding(prefs.open_prefs(args.prefs or __import__("toy").PREFS_PATH), held)
     pipe.backbone.model.gradient_checkpointing = args.grad_ckpt
     if args.grad_ckpt:
         pipe.backbone.model.train()  # the U-Net checkpoints only in training mode (no dropout or batch norm in it)

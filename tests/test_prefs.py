@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prefs import HPD, JSONLPrefs, PickAPic, PrefsError, image_to_tensor, open_prefs, pref_batches
+from prefs import HPD, Excluding, JSONLPrefs, PickAPic, PrefsError, image_to_tensor, open_prefs, pref_batches
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
@@ -141,3 +141,22 @@ def test_pref_batches(folder):
     assert [len(b["prompts"]) for b in pref_batches(hpd, 2, 8, drop_last=True)] == [2]
     x = image_to_tensor(Image.new("RGB", (30, 10), (255, 255, 255)), 8)  # non-square: short side to 8, center crop
     assert x.shape == (3, 8, 8) and torch.allclose(x, torch.ones_like(x))
+
+
+def test_excluding_drops_evaluation_prompts_and_an_emptied_set_stops_training(folder):
+    import train
+    reader = Excluding(JSONLPrefs(str(folder / "pairs.jsonl"), on_error="skip"), [" z "])
+    assert [p.prompt for p in reader] == ["x"] and reader.excluded == 1
+    assert [p.prompt for p in reader] == ["x"] and reader.excluded == 1  # counts are per pass
+    empty = Excluding(JSONLPrefs(str(folder / "pairs.jsonl"), on_error="skip"), ["x", "z"])
+    with pytest.raises(ValueError, match="fewer pairs than one batch of 1"):  # not an endless loop
+        next(train.pref_stream(empty, 1, 8, 0))
+
+
+def test_toy_l_g_data_holds_no_prompt_the_hypernetwork_is_scored_on():
+    import toy
+    reader = toy.training_prefs()
+    scored = set(toy.prompts("unseen")) | set(toy.prompts("heldout"))
+    seen = {p.prompt for p in reader}
+    assert not seen & scored and seen <= set(toy.prompts("hyper-train"))
+    assert reader.excluded > 0  # the shipped pairs cover the 'unseen' prompts: they are dropped
