@@ -106,6 +106,19 @@ def test_functional_equals_explicitly_merged_and_leaves_model_untouched():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("batch", [None, 3])
+@pytest.mark.parametrize("chunk", [1, 2 ** 27])                    # 1: every target its own chunk
+def test_grouped_merge_equals_one_product_per_layer(batch, chunk, monkeypatch):
+    model, targets, factors = make(batch=batch)
+    monkeypatch.setattr(lora, "MERGE_CHUNK", chunk)
+    params = lora.merged_params(model, factors, 0.5)
+    assert list(params) == [f"{t.name}.weight" for t in targets]   # every target, in module order
+    for t in targets:
+        A, B = factors[t.name]
+        ref = model.get_submodule(t.name).weight + 0.5 * (B @ A)
+        assert params[f"{t.name}.weight"].shape == ref.shape and rel_err(params[f"{t.name}.weight"], ref) < 1e-6
+
+
 @pytest.mark.parametrize("k", [1, 2])                              # k = 2: CFG copies share their sample's LoRA
 def test_per_sample_vmap_equals_loop(k):
     model, _, factors = make(batch=3)
