@@ -64,11 +64,11 @@ def build(preset: str, device: str, dtype: torch.dtype, rank: int | None) -> H.H
     return ha
 
 
-def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device: str, dtype) -> dict:
+def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device: str, dtype, n: int = 1) -> dict:
     unet, sched = ha.backbone.model, ha.backbone.schedule
     C, E = unet.config.in_channels, unet.config.cross_attention_dim
-    cond, uncond = torch.randn(1, 77, E, device=device, dtype=dtype), torch.zeros(1, 77, E, device=device, dtype=dtype)
-    x_T = torch.randn(1, C, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    cond, uncond = torch.randn(n, 77, E, device=device, dtype=dtype), torch.zeros(n, 77, E, device=device, dtype=dtype)
+    x_T = torch.randn(n, C, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     ts = sched.timesteps(steps).tolist()
     ha.cfg.key_times = tuple(float(ts[i]) for i in H.key_steps(torch.randn(steps, 1, 8).cumsum(0), 3))
     models = {"base": lambda: (lambda x, t, c: unet(x, t, c)), **{v: (lambda v=v: ha.sampler_model(cond, v))
@@ -89,16 +89,17 @@ def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device:
     return out
 
 
-def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtype, steps: int = 50, k: int = 3) -> dict:
+def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtype, steps: int = 50, k: int = 3,
+                     n: int = 1) -> dict:
     """Per-call costs, interleaved and repeated (robust on a busy machine), and the sampling-time ratios they imply
     for `steps` DDIM steps with CFG: u base step, u_mod modulated step (kept merged weights), h hypernetwork call
     (perception encoder + decoder), m merging W + s B A.  I = (N u_mod + h + m) / (N u), S = (u_mod + h + m) / u,
     P = (N u_mod + (K + 1)(h + m)) / (N u)."""
     unet = ha.backbone.model
     C, E = unet.config.in_channels, unet.config.cross_attention_dim
-    x = torch.randn(1, C, latent, latent, device=device, dtype=dtype)
-    cond, uncond = torch.randn(1, 77, E, device=device, dtype=dtype), torch.zeros(1, 77, E, device=device, dtype=dtype)
-    t = torch.tensor([500], device=device)
+    x = torch.randn(n, C, latent, latent, device=device, dtype=dtype)
+    cond, uncond = torch.randn(n, 77, E, device=device, dtype=dtype), torch.zeros(n, 77, E, device=device, dtype=dtype)
+    t = torch.tensor([500] * n, device=device)
     x2, t2, c2 = torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])
     with torch.no_grad():
         params = ha.merged(ha.factors(x, t, cond))
@@ -156,6 +157,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (CPU 10, CUDA 50)")
     p.add_argument("--latent", type=int, default=None, help="SD1.5 latent size (CPU 32, CUDA 64)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="SD1.5: samples per sampling call (each its own LoRA)")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--skip-sd15", action="store_true")
     p.add_argument("--components-only", action="store_true",
@@ -176,10 +178,11 @@ def main() -> None:
     print(json.dumps(res), flush=True)
     if not a.skip_sd15:
         ha = build("sd15", a.device, dtype, a.rank)
-        res["sd15"] = {"latent": latent, "hypernet_params": sum(q.numel() for q in ha.hypernet.parameters())}
+        res["sd15"] = {"latent": latent, "batch": a.batch,
+                       "hypernet_params": sum(q.numel() for q in ha.hypernet.parameters())}
         if not a.components_only:
-            res["sd15"].update(bench_sampling(ha, latent, steps, a.runs, a.device, dtype))
-        res["sd15"]["per_call"] = bench_components(ha, latent, a.runs, a.device, dtype)
+            res["sd15"].update(bench_sampling(ha, latent, steps, a.runs, a.device, dtype, a.batch))
+        res["sd15"]["per_call"] = bench_components(ha, latent, a.runs, a.device, dtype, n=a.batch)
         print(json.dumps(res), flush=True)
         res["sd15"].update(bench_train_step(ha, latent, a.device, dtype, a.grad_ckpt))
     print(json.dumps(res, indent=2))
