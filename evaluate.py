@@ -8,8 +8,9 @@ Columns: every reward (mean), the toy judge (overall and per attribute), diversi
 cosine distance of CLIP image embeddings between the seeds of a prompt), colour saturation (reward hacking shows
 as over-saturation), wall time per image and its ratio to the base model.
 
-Writes OUT/table.md and OUT/table.json; run folders are reused when their step count matches (delete to retrain).
-A real model: `python evaluate.py --model PATH --reward SPEC --prompts FILE --hyper DIR ... [--static DIR]`.
+Writes OUT/table.md and OUT/table.json; run folders are reused when they hold a finished run with the same settings
+(delete them to retrain). A real model: `python evaluate.py --model PATH --reward SPEC --prompts FILE --hyper DIR ...`
+(trained runs of train.py / baselines.py).
 """
 from __future__ import annotations
 
@@ -18,13 +19,19 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
 
-import baselines as BL
-import hyperalign as H
-import train
+import config
+import files
+import methods
+import rewards
+import runs
+from config import RunConfig
+from toy import judge as toy_judge
+from toy import world
 
 Generate = Callable[[list, torch.Tensor, int], torch.Tensor]   # (prompts, x_T, seed) -> images (B, 3, H, W) in [0, 1]
 
@@ -66,7 +73,7 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
-def measure(generate: Generate, pipe: train.Pipe, prompts: list[str], seeds: list[int], reward, judge=None,
+def measure(generate: Generate, pipe, prompts: list[str], seeds: list[int], reward, judge=None,
             embed: Callable | None = None, batch: int = 16, device="cpu", time_reps: int = 3
             ) -> tuple[dict, torch.Tensor]:
     """Run one method over prompts x seeds (x_T from `torch.Generator().manual_seed(seed + i)` for batch i, as
@@ -98,9 +105,8 @@ def measure(generate: Generate, pipe: train.Pipe, prompts: list[str], seeds: lis
     m.update({f"reward/{k}": v.float().mean().item() for k, v in parts.items()})
     per = {f"reward/{k}": v.float().cpu().tolist() for k, v in parts.items()}      # for paired comparisons
     if judge is not None:
-        import toy
         scores = judge(flat, caps)
-        m.update({f"judge/{k}": v for k, v in toy.summary(scores, caps).items()})
+        m.update({f"judge/{k}": v for k, v in toy_judge.summary(scores, caps).items()})
         per["judge/overall"] = scores["overall"].float().tolist()
     if embed is not None:
         m["diversity"] = diversity(torch.stack([embed(im.to(device)).float().cpu() for im in images]))
@@ -112,88 +118,69 @@ def measure(generate: Generate, pipe: train.Pipe, prompts: list[str], seeds: lis
 
 # ------------------------------------------------------------------------------------------------------------- rows
 
-def sample_with(pipe: train.Pipe, make_model: Callable) -> Generate:
+def sample_with(pipe, make_model: Callable) -> Generate:
     """A generator for a model-callable factory `make_model(cond)` (a fresh one per batch: HyperAlign keeps state)."""
     def generate(prompts, x_T, seed):
         cond, uncond = pipe.conds(prompts)
-        return pipe.decode(pipe.rollout(make_model(cond), x_T, cond, uncond)["x_t"][-1])
+        return pipe.decode(pipe.rollout(make_model(cond), x_T, cond, uncond, trajectory=False))
     return generate
 
 
-def best_of_n_gen(pipe: train.Pipe, reward, n: int) -> Generate:
+def best_of_n_gen(pipe, reward, n: int) -> Generate:
     """Candidate 0 is the row's own x_T (so BoN is never worse than base on the reward); the others from seed."""
     def generate(prompts, x_T, seed):
         g = torch.Generator().manual_seed(1_000_000 + seed)
         xs = torch.stack([x_T] + [pipe.noise(len(prompts), g, x_T.device) for _ in range(n - 1)])
-        return BL.best_of_n(pipe, reward, prompts, xs)[0]
+        return methods.best_of_n(pipe, reward, prompts, xs)[0]
     return generate
 
 
-def guidance_gen(pipe: train.Pipe, reward, rho: float) -> Generate:
-    return lambda prompts, x_T, seed: pipe.decode(BL.guidance_sample(pipe, reward, prompts, x_T, rho))
+def guidance_gen(pipe, reward, rho: float) -> Generate:
+    return lambda prompts, x_T, seed: pipe.decode(methods.guidance_sample(pipe, reward, prompts, x_T, rho))
 
 
-def _trained(folder: str, steps: int, key: str) -> bool:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        c = json.load(f)
-    return (c.get("step") if key == "hyper" else c.get("run", {}).get("steps")) == steps
+def trained(kind: str, cfg: RunConfig, **given):
+    """Train a run (runs.train) unless cfg.out already holds this run finished; then load it."""
+    done = False
+    if os.path.isfile(os.path.join(cfg.out, runs.POINTER)):
+        try:
+            runs.check_resume(cfg.out, cfg, kind)
+            done = runs.load(cfg.out)[2] == cfg.steps
+        except ValueError:
+            done = False
+    if not done:
+        runs.train(kind, cfg, overwrite=True, **given)
+    return runs.load_trained(cfg.out, given["pipe"].backbone)[0]
 
 
-def hyperalign_run(folder: str, pipe: train.Pipe, preset: str, variant: str, steps: int, a, reward, prompts,
-                   prefs_reader, lam: float = train.LAMBDA) -> H.HyperAlign:
-    """Train (train.run) unless DIR already holds this many steps; then load it."""
-    if not _trained(folder, steps, "hyper"):
-        args = train.parse_args(["--model", preset, "--preset", preset, "--variant", variant, "--steps", str(steps),
-                                 "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--lambda-reg", str(lam),
-                                 "--sample-steps", str(pipe.steps), "--save-every", str(max(steps, 1)),
-                                 "--seed", str(a.seed), "--out", folder, "--no-eval",
-                                 "--threads", str(torch.get_num_threads())])  # keep the table's thread count
-        train.run(args, pipe=pipe, reward=reward, prefs_reader=prefs_reader, prompts=prompts, eval_prompts=prompts)
-    return H.load(folder, pipe.backbone)[0]
-
-
-def static_run(folder: str, pipe: train.Pipe, preset: str, steps: int, a, reward, prompts, prefs_reader,
-               method: str = "reward") -> BL.StaticLoRA:
-    if not _trained(folder, steps, "static"):
-        BL.train_static(pipe, reward, prompts, H.HyperConfig.preset(preset), steps, a.batch_size, a.lr, train.LAMBDA,
-                        prefs_reader, method, a.seed, out=folder, reward_from=train.REWARD_FROM)
-    return BL.load_static(folder, pipe.backbone)[0]
-
-
-def method_rows(pipe: train.Pipe, preset: str, root: str, a, train_reward, prompts, prefs_reader,
-                ablation: bool, da_reward=None) -> list[tuple[str, Generate, dict]]:
-    """[(name, generate, info)] for one model: trains or reuses every run under ROOT. Direct-Align (flow) trains on
-    `da_reward`, by default SRPO's relative reward around the training reward."""
-    base = BL.base_model(pipe)
-    rows = [("base", sample_with(pipe, lambda c: base), {"train_steps": 0})]
+def method_rows(pipe, model: str, root: str, a, reward, prefs_reader, ablation: bool) -> list[tuple[str, Generate, dict]]:
+    """[(name, generate, info)] for one toy model: trains or reuses every run under ROOT with train.py's toy settings."""
+    base_cfg = replace(RunConfig.from_preset(model), steps=a.train_steps, batch_size=a.batch_size, lr=a.lr,
+                       seed=a.seed, no_eval=True, save_every=max(a.train_steps, 1), threads=torch.get_num_threads())
+    given = dict(pipe=pipe, reward=reward, prefs_reader=prefs_reader)
+    rows = [("base", sample_with(pipe, lambda c: pipe.backbone), {"train_steps": 0})]
     for v in a.variants:
-        ha = hyperalign_run(os.path.join(root, f"hyperalign-{v}"), pipe, preset, v, a.train_steps, a, train_reward,
-                            prompts, prefs_reader)
-        rows.append((f"HyperAlign-{v}", sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c)),
-                     {"train_steps": a.train_steps, "key_times": list(ha.cfg.key_times)}))
-    sl = static_run(os.path.join(root, "static-lora"), pipe, preset, a.train_steps, a, train_reward, prompts,
-                    prefs_reader)
+        ha = trained("hyperalign", replace(base_cfg, variant=v, out=os.path.join(root, f"hyperalign-{v}")), **given)
+        rows.append((f"HyperAlign-{v}", sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c, pipe.steps)),
+                     {"train_steps": a.train_steps, "key_steps": list(ha.cfg.key_steps)}))
+    sl = trained("static", replace(base_cfg, out=os.path.join(root, "static-lora")), **given)
     rows.append(("static LoRA", sample_with(pipe, lambda c: sl.sampler_model()), {"train_steps": a.train_steps}))
-    rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon), {"train_steps": 0}))
+    rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, reward, a.bon), {"train_steps": 0}))
     for rho in a.rho:
-        rows.append((f"guidance ρ={rho:g}", guidance_gen(pipe, train_reward, rho), {"train_steps": 0}))
-    if pipe.kind == "flow":  # the trainer with the table's reward, then with SRPO's relative reward around it
-        for name, folder, r in (("Direct-Align", "direct-align", train_reward),
-                                ("Direct-Align + SRPO reward", "direct-align-srpo",
-                                 da_reward or BL.srpo_reward(train_reward))):
-            da = static_run(os.path.join(root, folder), pipe, preset, a.train_steps, a, r, prompts, None,
-                            method="direct-align")
-            rows.append((name, sample_with(pipe, lambda c, da=da: da.sampler_model()),
-                         {"train_steps": a.train_steps}))
+        rows.append((f"guidance ρ={rho:g}", guidance_gen(pipe, reward, rho), {"train_steps": 0}))
+    if pipe.kind == "flow":  # SRPO's trainer on SRPO's relative reward around the training reward
+        da_cfg = replace(base_cfg, reward_mode="direct-align", reward_from=0.0, lambda_reg=0.0,
+                         reward=f"rel-{base_cfg.reward}", out=os.path.join(root, "direct-align-srpo"))
+        da = trained("static", da_cfg, pipe=pipe, reward=rewards.RelativeReward(reward), prefs_reader=None)
+        rows.append(("Direct-Align + SRPO reward", sample_with(pipe, lambda c: da.sampler_model()),
+                     {"train_steps": a.train_steps}))
     if ablation:
         zero = lambda images, prompts: images.sum((1, 2, 3)) * 0.0  # noqa: E731  (L_R switched off)
-        for name, lam, r in (("ablation: L_R only", 0.0, train_reward), ("ablation: L_G only", train.LAMBDA, zero)):
-            folder = os.path.join(root, "ablation-" + ("reward" if r is train_reward else "reg"))
-            ha = hyperalign_run(folder, pipe, preset, "I", a.train_steps, a, r, prompts, prefs_reader, lam)
-            rows.append((name, sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c)),
+        for name, lam, r, sub in (("ablation: L_R only", 0.0, reward, "reward"),
+                                  ("ablation: L_G only", base_cfg.lambda_reg, zero, "reg")):
+            ha = trained("hyperalign", replace(base_cfg, lambda_reg=lam, out=os.path.join(root, f"ablation-{sub}")),
+                         pipe=pipe, reward=r, prefs_reader=prefs_reader if lam > 0 else None)
+            rows.append((name, sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c, pipe.steps)),
                          {"train_steps": a.train_steps}))
     return rows
 
@@ -273,21 +260,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reward", default=None, help="reward spec to train/score with (toy: toy-pref) (rewards.py)")
     p.add_argument("--reward-tokenizer", default=None, help="CLIP tokenizer folder for rewards without one (HPS)")
     p.add_argument("--score", default=None, help="reward spec of the table's reward columns (toy: toy-pref,toy-clip)")
-    p.add_argument("--prompts", default=None, help="real model: held-out prompts, one per line")
-    p.add_argument("--hyper", nargs="*", default=[], help="real model: trained HyperAlign folders (rows)")
-    p.add_argument("--static", default=None, help="real model: a static LoRA folder (row)")
+    p.add_argument("--prompts", default=None, help="held-out prompts: a file (real model) or toy:SPLIT")
+    p.add_argument("--hyper", nargs="*", default=[], help="real model: trained run folders (rows)")
     p.add_argument("--variants", default="S,I,P")
-    p.add_argument("--train-steps", type=int, default=train.TOY_STEPS, help="training steps of every trained row")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=train.TOY_LR, help="learning rate of every trained row")
+    p.add_argument("--train-steps", type=int, default=RunConfig.steps, help="training steps of every trained row")
+    p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+    p.add_argument("--lr", type=float, default=RunConfig.lr, help="learning rate of every trained row")
     p.add_argument("--n-prompts", type=int, default=64, help="held-out prompts (toy: of the 'unseen' split)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (diversity needs >= 2)")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (toy 20 as train.py; real: model's)")
+    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps (real: the model's)")
     p.add_argument("--bon", type=int, default=8, help="N of Best-of-N")
     p.add_argument("--rho", default="0.3,1", help="gradient guidance steps ρ, one row each (comma-separated)")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen models")
@@ -298,38 +284,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.rho = [float(r) for r in a.rho.split(",") if r]
     except ValueError:
         p.error(f"--rho: comma-separated numbers, got {a.rho!r}")
-    if any(v not in H.VARIANTS for v in a.variants):
-        p.error(f"--variants: each of {H.VARIANTS}")
-    for k in ("train_steps", "batch_size", "n_prompts", "seeds", "bon"):
+    if any(v not in config.VARIANTS for v in a.variants):
+        p.error(f"--variants: each of {config.VARIANTS}")
+    for k in ("train_steps", "batch_size", "n_prompts", "seeds", "bon", "threads"):
         if getattr(a, k) < (0 if k == "train_steps" else 1):
             p.error(f"--{k.replace('_', '-')} must be positive")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available on this machine")
     return a
 
 
 def main(argv=None) -> None:
+    import pipeline
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     t_start, tables, md = time.time(), {}, []
-    import rewards
     if a.model is not None:                                                    # a real model: given rows only
         if not (a.reward and a.prompts):
             raise ValueError("a real --model needs --reward and --prompts")
-        pipe = train.load_pipe(a.model, a.device, getattr(torch, a.dtype), None, a.sample_steps, None)
-        train_reward = rewards.parse_reward_spec(a.reward, tokenizer=a.reward_tokenizer, device=a.device)
-        score = rewards.parse_reward_spec(a.score or a.reward, tokenizer=a.reward_tokenizer, device=a.device)
-        prompts = train.read_lines(a.prompts)[:a.n_prompts]
-        base = BL.base_model(pipe)
-        rows = [("base", sample_with(pipe, lambda c: base), {"train_steps": 0})]
+        pipe = pipeline.load(a.model, a.device, getattr(torch, a.dtype), steps=a.sample_steps)
+        train_reward = config.load_reward(a.reward, a.reward_tokenizer, a.device)
+        score = config.load_reward(a.score or a.reward, a.reward_tokenizer, a.device)
+        prompts = config.read_prompts(a.prompts)[:a.n_prompts]
+        rows = [("base", sample_with(pipe, lambda c: pipe.backbone), {"train_steps": 0})]
         for d in a.hyper:
-            ha, saved = H.load(d, pipe.backbone, a.device)
-            rows.append((f"HyperAlign-{ha.cfg.variant}", sample_with(pipe, lambda c, ha=ha: ha.sampler_model(c)),
-                         {"train_steps": saved.get("step", 0)}))
-        if a.static:
-            sl, saved = BL.load_static(a.static, pipe.backbone, a.device)
-            rows.append(("static LoRA", sample_with(pipe, lambda c: sl.sampler_model()),
-                         {"train_steps": saved["run"]["steps"]}))
+            m, saved = runs.load_trained(d, pipe.backbone, a.device)
+            name = f"HyperAlign-{m.cfg.variant}" if saved["method"] == "hyperalign" else "static LoRA"
+            rows.append((name, sample_with(pipe, lambda c, m=m: m.sampler_model(c, pipe.steps)),
+                         {"train_steps": saved["step"]}))
         rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon), {"train_steps": 0}))
         for rho in a.rho:
             rows.append((f"guidance ρ={rho:g}", guidance_gen(pipe, train_reward, rho), {"train_steps": 0}))
@@ -338,30 +321,28 @@ def main(argv=None) -> None:
         md.append(markdown(a.model, tables[a.model]))
         md.append(claims(tables[a.model], f"reward/{next(iter(train_reward.rewards))}"))
     else:
-        import toy
-        train_reward = rewards.parse_reward_spec(a.reward or "toy-pref")
-        score = rewards.parse_reward_spec(a.score or "toy-pref,toy-clip")
-        prompts, heldout = toy.prompts("hyper-train"), toy.eval_prompts("unseen", a.n_prompts)  # as train.py
-        reader = toy.training_prefs()  # as train.py: no pair of an evaluation prompt
+        train_reward = config.load_reward(a.reward or RunConfig.reward)
+        score = config.load_reward(a.score or "toy-pref,toy-clip")
+        spec = RunConfig()
+        heldout = world.eval_prompts("unseen", a.n_prompts)                     # as train.py's first held-out set
+        reader = config.load_prefs(spec, config.read_prompts(spec.prompts), world.prompts("unseen") +
+                                   world.prompts("heldout"))                   # as train.py: no held-out prompt's pair
         for model in [m for m in a.models.split(",") if m]:
-            if model not in train.TOY:
-                raise ValueError(f"--models: {model!r} is not a toy model ({', '.join(train.TOY)}); use --model PATH")
+            if model not in ("toy-sd", "toy-flux"):
+                raise ValueError(f"--models: {model!r} is not a toy model (toy-sd, toy-flux); use --model PATH")
             print(f"== {model}", flush=True)
-            pipe = train.load_pipe(model, "cpu", torch.float32, None, a.sample_steps or 20,
-                                   train.TOY_SD_CFG if model == "toy-sd" else None)  # train.py's toy settings
-            rows = method_rows(pipe, model, os.path.join(a.out, model), a, train_reward, prompts, reader,
+            pipe = config.load_pipeline(replace(RunConfig.from_preset(model), sample_steps=a.sample_steps or 20))
+            rows = method_rows(pipe, model, os.path.join(a.out, model), a, train_reward, reader,
                                ablation=model == "toy-sd" and not a.no_ablation)
-            tables[model] = evaluate_rows(rows, pipe, heldout, list(range(a.seeds)), score, toy.judge,
+            tables[model] = evaluate_rows(rows, pipe, heldout, list(range(a.seeds)), score, toy_judge.judge,
                                           clip_embedder(score))
             md.append(markdown(f"{model}: {len(heldout)} unseen prompts x {a.seeds} seeds, {a.train_steps} "
                                f"training steps, batch {a.batch_size}", tables[model]))
             md.append(claims(tables[model], f"reward/{next(iter(train_reward.rewards))}"))
     minutes = (time.time() - t_start) / 60
     md.append(f"_Whole command: {minutes:.1f} min ({torch.get_num_threads()} CPU threads)._\n")
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write("\n".join(md))
-    with open(os.path.join(a.out, "table.json"), "w") as f:
-        json.dump({"settings": vars(a), "minutes": minutes, "tables": tables}, f, indent=2)
+    files.write_text(os.path.join(a.out, "table.md"), "\n".join(md))
+    files.write_json(os.path.join(a.out, "table.json"), {"settings": vars(a), "minutes": minutes, "tables": tables})
     print("\n".join(md))
 
 

@@ -7,32 +7,33 @@ model from the current state (x_t, t, c), trained with a reward loss regularised
     L        = L_R + λ L_G                       reward of the one-step prediction + denoising loss on preferred data
 
 Sections:
-  # ---- config        HyperConfig and named presets; the LoRA factorisation
-  # ---- backbone      what HyperAlign needs from the frozen model: VP (SD U-Net) or flow (FLUX), one adapter each
+  # ---- config        HyperConfig and named presets
   # ---- hypernetwork  the decoder with one query token per target layer, and the LoRA head (Δθ = 0 at init)
-  # ---- variants      S / I / P as a model callable for the samplers in sampler.py; P's key steps
-  # ---- losses        L_R and L_G
+  # ---- variants      S / I / P: the one segment rule, the sampler-facing model, P's key steps
+  # ---- losses        L_R (Eq. 8), L_G (Eq. 9), one training step of L = L_R + λ L_G (Eq. 10)
 
 Shape alphabet: B samples, K copies of a sample in the model batch (CFG: 2), L feature tokens, F feature width,
-E embedding width, T target layers (= query tokens), D decoder width, R LoRA rank, I / O in / out features.
+E embedding width, T target layers (= query tokens), D decoder width, R LoRA rank, I / O in / out features,
+N sampling steps.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+import distributed
 import lora
-import sampler
-from weights import check_state_dict
+from backbone import Backbone
+
+if TYPE_CHECKING:
+    from pipeline import Pipeline
 
 VARIANTS = ("S", "I", "P")
 
@@ -50,10 +51,11 @@ class HyperConfig:
     n_head: int = 8
     encoder_depth: int = 2                    # flow: double blocks in the perception encoder
     variant: str = "I"                        # "S" every step, "I" once from x_T, "P" at key steps
-    key_times: tuple[float, ...] = ()         # P: model times (t values) where a segment starts, set by calibration
+    key_steps: tuple[int, ...] = ()           # P: steps where a segment starts (0 first), set by calibration ...
+    key_of: int = 0                           # ... for a trajectory of this many steps (rescaled for others)
 
     def __post_init__(self):
-        self.targets, self.key_times = tuple(self.targets), tuple(self.key_times)
+        self.targets, self.key_steps = tuple(self.targets), tuple(self.key_steps)
         if self.backbone not in ("vp", "flow"):
             raise ValueError(f"backbone must be 'vp' or 'flow', got {self.backbone!r}")
         if self.variant not in VARIANTS:
@@ -73,7 +75,13 @@ class HyperConfig:
         return replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def key_steps_for(self, steps: int) -> tuple[int, ...]:
+        """P's key steps for a trajectory of `steps` steps: calibrated ones rescaled by position (always with 0)."""
+        if not self.key_of or steps == self.key_of:
+            return tuple(sorted({0, *self.key_steps}))
+        return tuple(sorted({0, *(min(steps - 1, round(k * steps / self.key_of)) for k in self.key_steps)}))
 
 
 PRESETS: dict[str, HyperConfig] = {
@@ -83,82 +91,6 @@ PRESETS: dict[str, HyperConfig] = {
     "toy-flux": HyperConfig(backbone="flow", targets=lora.FLUX_TARGETS, rank=4, alpha=4.0, d_model=64, n_layer=1,
                             n_head=4, encoder_depth=1),
 }
-
-
-# ---------------------------------------------------------------------------------------------------------- backbone
-
-@dataclass
-class Backbone:
-    """The frozen generator as HyperAlign sees it: modulated forward, perception encoder, and the process's algebra.
-
-    vp   (SD1.5): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t integer in [0, 1000); cond = text context (B, S, E);
-                  the U-Net predicts eps (or v); the algebra is sampler.py's VP section.
-    flow (FLUX):  x_t = (1 - t) x0 + t eps, t in [0, 1]; cond = sampler.flux_cond dict; x are packed tokens;
-                  FLUX predicts the velocity v = eps - x0.
-    """
-    kind: str
-    model: nn.Module
-    schedule: sampler.VPSchedule | None = None  # vp: alpha_bar and the prediction type (eps or v)
-    encoder_depth: int = 2                    # flow
-
-    def forward(self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        """The modulated model f_{θ+Δθ}(x_t, t, cond) with the samplers' contract, run with the merged weights
-        `params` from lora.merged_params (None: the base model)."""
-        dtype = next(self.model.parameters()).dtype               # bf16 models take bf16 inputs; x_t stays fp32
-        if self.kind == "vp":
-            args = (x_t.to(dtype), t, cond.to(dtype))
-        else:
-            g = cond.get("guidance")
-            args = (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
-                    cond["y"].to(dtype), None if g is None else g.to(dtype))
-        out = self.model(*args) if params is None else lora.call_merged(self.model, params, *args)
-        return out.to(x_t.dtype)
-
-    @torch.no_grad()
-    def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor]:
-        """Perception encoder E(x_t, t, c) -> tokens (B, L, F), embedding (B, E). Frozen: never any gradient."""
-        dtype = next(self.model.parameters()).dtype
-        if self.kind == "vp":
-            h, _, emb = self.model.down(x_t.to(dtype), t, cond.to(dtype))  # h (B, C, h, w), emb (B, 4 C0)
-            return rearrange(h, "B C h w -> B (h w) C"), emb
-        # NOTE: the paper does not say what encodes x_t for FLUX; ours: the frozen embedders plus the first
-        # `encoder_depth` double-stream blocks, image and text tokens together, and the vector embedding.
-        g = cond.get("guidance")
-        img, txt, vec, _ = self.model.forward_features(
-            x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype), cond["y"].to(dtype),
-            None if g is None else g.to(dtype), depth=self.encoder_depth)
-        return torch.cat([txt, img], dim=1), vec                  # (B, L_txt + L_img, W), (B, W)
-
-    def feature_dims(self) -> tuple[int, int]:
-        if self.kind == "vp":
-            c = self.model.config
-            return c.block_out_channels[-1], 4 * c.block_out_channels[0]
-        return self.model.config.hidden_size, self.model.config.hidden_size
-
-    def _ab(self, t: Tensor, like: Tensor) -> Tensor:
-        ab = self.schedule.alpha_bar.to(like.device)[t.long()].to(like.dtype)
-        return ab.view(-1, *[1] * (like.dim() - 1))                # (B, 1, ...)
-
-    def _t(self, t: Tensor, like: Tensor) -> Tensor:
-        return t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
-
-    def x0_hat(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-        """One-step prediction of the clean sample (DDIM eq. 9 / Tweedie for VP; x_t - t v for flow)."""
-        if self.kind == "flow":
-            return sampler.flow_x0_hat(x_t, self._t(t, x_t), pred)
-        return sampler.predict_x0(x_t, pred, self._ab(t, x_t), self.schedule.prediction_type)[0]
-
-    def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """The forward process q(x_t | x0) with the given noise."""
-        if self.kind == "flow":
-            return (1 - self._t(t, x0)) * x0 + self._t(t, x0) * eps
-        return sampler.add_noise(x0, eps, self._ab(t, x0))
-
-    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """What the model should predict at q(x_t | x0, eps): eps (or v) for VP, the velocity eps - x0 for flow."""
-        if self.kind == "flow":
-            return eps - x0
-        return sampler.training_target(x0, eps, self._ab(t, x0), self.schedule.prediction_type)
 
 
 # ------------------------------------------------------------------------------------------------------ hypernetwork
@@ -251,51 +183,34 @@ class HyperAlign(nn.Module):
         feat_dim, emb_dim = backbone.feature_dims()
         self.hypernet = HyperNet(cfg, targets, feat_dim, emb_dim)
 
-    def factors(self, x_t: Tensor, t: Tensor, cond) -> lora.Factors:
-        """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample."""
-        return self.hypernet(*self.backbone.features(x_t, t, cond))
+    def factors(self, x_t: Tensor, t: Tensor, cond, net: nn.Module | None = None) -> lora.Factors:
+        """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample. `net`: the hypernetwork wrapped for DDP (training)."""
+        return (net or self.hypernet)(*self.backbone.features(x_t, t, cond))
 
     def merged(self, factors: lora.Factors) -> dict[str, Tensor]:
         """θ + Δθ for the target weights: (O, I) each for one sample, (B, O, I) for several."""
         return lora.merged_params(self.backbone.model, lora.squeeze_single(factors), self.cfg.scale)
 
-    def predict(self, factors: lora.Factors | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        """f_{θ+Δθ}(x_t, t, cond); factors None: the base model f_θ."""
-        return self.backbone.forward(None if factors is None else self.merged(factors), x_t, t, cond)
-
-    def substituted(self, factors: lora.Factors):
-        """Context: the frozen model runs with θ + Δθ for one sample's factors until the block exits. Training puts
-        forward *and* backward inside it, so gradient checkpointing recomputes with the same weights (lora.py)."""
+    @contextmanager
+    def applied(self, factors: lora.Factors) -> Iterator[Callable]:
+        """Inside the block, `model(x_t, t, cond)` runs θ + Δθ for one sample's factors. Training puts forward *and*
+        backward inside it, so gradient checkpointing recomputes with the same weights (lora.substituted)."""
         assert all(A.dim() == 2 for A, _ in lora.squeeze_single(factors).values()), "one sample's factors"
-        return lora.substituted(self.backbone.model, self.merged(factors))
+        with lora.substituted(self.backbone.model, self.merged(factors)):
+            yield self.backbone
 
-    def sampler_model(self, cond, variant: str | None = None) -> "Modulated":
-        """A fresh model callable for one trajectory of the samplers; `cond` is the B prompts' conditioning."""
-        return Modulated(self, cond, variant or self.cfg.variant)
-
-
-def load(folder: str, backbone: Backbone, device=None) -> tuple[HyperAlign, dict]:
-    """Rebuild a trained HyperAlign from a train.py output folder (config.json + hypernet.safetensors) on a frozen
-    backbone; the variant and P's key times come from the config. Returns (model, the saved config dict)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no config.json in {folder}: not a HyperAlign checkpoint folder (train.py --out)")
-    with open(path) as f:
-        saved = json.load(f)
-    ha = HyperAlign(HyperConfig(**saved["hyper"]), backbone)
-    weights = os.path.join(folder, "hypernet.safetensors")
-    if not os.path.isfile(weights):
-        raise ValueError(f"no hypernet.safetensors in {folder}")
-    sd = load_file(weights)
-    check_state_dict(ha.hypernet, sd, f"{weights} (a hypernetwork for another model?)")  # WeightsError: a ValueError
-    ha.hypernet.load_state_dict(sd, strict=True)
-    return (ha.to(device) if device is not None else ha), saved
+    def sampler_model(self, cond, steps: int, variant: str | None = None) -> "Modulated":
+        """A fresh model callable for one trajectory of `steps` sampler steps; `cond` is the B prompts' conditioning."""
+        return Modulated(self, cond, steps, variant or self.cfg.variant)
 
 
 def count_params(cfg: HyperConfig, make_model: Callable[[], nn.Module], **backbone_kw) -> int:
     """Trainable parameters of the hypernetwork for a backbone, counted on the meta device (no memory)."""
     with torch.device("meta"):
         model = make_model()
+        if cfg.backbone == "vp" and "schedule" not in backbone_kw:
+            import sampler
+            backbone_kw["schedule"] = sampler.VPSchedule.from_config(None)
         return sum(p.numel() for p in HyperAlign(cfg, Backbone(cfg.backbone, model, **backbone_kw)).parameters())
 
 
@@ -308,87 +223,188 @@ def cond_rows(cond, idx) -> object:
     return cond[idx]
 
 
-def segment(variant: str, t: float, key_times: tuple[float, ...]) -> float | None:
-    """Which LoRA serves time t: S one per time, I one for all, P one per segment starting at a key time.
+def lora_step(variant: str, k: int, key_steps: tuple[int, ...]) -> int:
+    """The one S / I / P rule: the trajectory step whose state x_s makes the LoRA used at step k (0 = x_T).
 
-    Times decrease along a trajectory (VP timesteps and flow times alike), so t's segment is the smallest key time
-    >= t; a time before every key time (the first steps) belongs to the first segment.
+    S: every step makes its own (s = k); I: the first step's serves all (s = 0); P: the LoRA of k's segment, made at
+    the last key step <= k (key steps always include 0). Sampling (Modulated) and training (training_step) both ask
+    this function, so the two cannot disagree.
     """
     if variant == "S":
-        return t
+        return k
     if variant == "I":
-        return None
-    started = [k for k in key_times if k >= t - 1e-6]
-    return min(started) if started else math.inf
+        return 0
+    return max([s for s in key_steps if s <= k], default=0)
 
 
 class Modulated:
     """The sampler-facing model `model(x_t, t, cond) -> prediction` with HyperAlign's LoRA, for one trajectory.
 
+    The samplers call it once per step, so the call count is the step index k; a new LoRA is made when
+    lora_step(k) == k (every step for S, the first for I, P's key steps), from the first copy's x_t and the prompt
+    conditioning given here, and its merged weights are kept for the segment (a reused LoRA costs nothing per step).
+    NOTE: the step comes from counting, never from reading t: reading a GPU tensor on the host waits for the queued
+    work and leaves the GPU idle while the next step is launched.
+
     The model batch may hold K copies of the B samples stacked as (K B) (classifier-free guidance): every copy uses
-    its sample's LoRA, computed from the first copy's x_t and the prompt conditioning given here. New LoRA weights are
-    made when the segment changes: every step (S), at the first step only (I), at P's key steps (P).
+    its sample's LoRA.
     """
-    def __init__(self, ha: HyperAlign, cond, variant: str):
+    def __init__(self, ha: HyperAlign, cond, steps: int, variant: str):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.ha, self.cond, self.variant = ha, cond, variant
+        self.key_steps = ha.cfg.key_steps_for(steps)
         self.n = (cond["txt"] if isinstance(cond, dict) else cond).shape[0]
-        self._segment, self._params, self.calls = object(), None, 0
+        self.step, self.calls, self._params = 0, 0, None
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        t_vec = torch.as_tensor(t, device=x_t.device)
-        t_vec = t_vec.expand(x_t.shape[0]) if t_vec.dim() == 0 else t_vec
-        # NOTE: only P reads t on the host. S (a new segment every call: one call per step) and I (one segment) must
-        # not: float() of a GPU tensor waits for the queued steps, which left the GPU idle while the next step was
-        # launched (SD1.5 on an H100: +0.2 s over 50 steps).
-        seg = (object() if self.variant == "S" else None if self.variant == "I" else
-               segment(self.variant, float(t_vec[0]), self.ha.cfg.key_times))
-        if seg != self._segment:
-            self._segment, self.calls = seg, self.calls + 1
-            # the merged weights are kept for the segment: a reused LoRA costs nothing per step (I, P)
-            self._params = self.ha.merged(self.ha.factors(x_t[:self.n], t_vec[:self.n], self.cond))
-        return self.ha.backbone.forward(self._params, x_t, t_vec, cond)
+        if lora_step(self.variant, self.step, self.key_steps) == self.step:
+            self.calls += 1
+            self._params = self.ha.merged(self.ha.factors(x_t[:self.n], t[:self.n], self.cond))
+        self.step += 1
+        return self.ha.backbone.forward(self._params, x_t, t, cond)
+
+
+def curvature(x0_hats: Tensor) -> tuple[Tensor, Tensor]:
+    """The curvature of the one-step predictions along trajectories (paper Fig. 4).
+
+    x0_hats (N, B, ...): x0_hat at each of N steps for B trajectories.
+    delta_i = ||x0_hat_i - x0_hat_{i-1}|| / ||x0_hat_{i-1}||   (relative change, DyMO's rule), i = 1..N-1: (N-1, B)
+    kappa_i = |delta_{i+1} - delta_i|                          (its discrete change: the curvature), i = 1..N-2: (N-2, B)
+    """
+    x = x0_hats.flatten(2).double()                                              # (N, B, -)
+    delta = (x[1:] - x[:-1]).norm(dim=-1) / x[:-1].norm(dim=-1).clamp_min(1e-12)
+    return delta, (delta[1:] - delta[:-1]).abs()
+
+
+def calibrate(ha: HyperAlign, pipe: "Pipeline", prompts: list[str], k: int, seed: int,
+              ctx: distributed.Context = distributed.Context()) -> list[int]:
+    """P: key steps from the curvature of base trajectories over calibration prompts (fixed seed), stored in ha.cfg
+    with the trajectory length they are for; under torchrun rank 0's on every rank."""
+    cond, uncond = pipe.conds(prompts)
+    traj = pipe.rollout(pipe.backbone, pipe.noise(len(prompts), torch.Generator().manual_seed(seed)), cond, uncond)
+    steps = distributed.broadcast(key_steps(traj["x0_hat"], k), ctx)
+    ha.cfg.key_steps, ha.cfg.key_of = tuple(steps), pipe.steps
+    if ctx.main:
+        print(f"P: key steps {steps} of {pipe.steps}")
+    return steps
 
 
 def key_steps(x0_hats: Tensor, k: int) -> list[int]:
-    """P's segment starts from the curvature of the one-step predictions along base trajectories.
-
-    x0_hats (N, B, ...): the base model's x0_hat at each of N steps for B calibration prompts.
-    delta_i = ||x0_hat_i - x0_hat_{i-1}|| / ||x0_hat_{i-1}||   (relative change, DyMO's rule), i = 1..N-1
-    kappa_i = |delta_{i+1} - delta_i|                          (its discrete change: the curvature), i = 1..N-2
-    Returns step 0 plus the k steps of largest mean curvature, sorted (ties: the earlier step), deterministic.
+    """P's segment starts: step 0 plus the k steps of largest mean curvature over base trajectories, sorted (ties:
+    the earlier step), deterministic. kappa_i is charged to step i + 1, where the prediction has turned.
     NOTE: the paper plots delta and speaks of a 'curvature rate' without the exact rule; this is ours.
     """
-    x = x0_hats.flatten(2).double()                                              # (N, B, -)
-    delta = (x[1:] - x[:-1]).norm(dim=-1) / x[:-1].norm(dim=-1).clamp_min(1e-12)  # (N-1, B): delta_{1..N-1}
-    kappa = (delta[1:] - delta[:-1]).abs().mean(dim=1)                           # (N-2,): kappa_{1..N-2}
+    kappa = curvature(x0_hats)[1].mean(dim=1)                                    # (N-2,)
     ranked = sorted(range(len(kappa)), key=lambda i: (-round(kappa[i].item(), 12), i))
     return sorted({0, *[i + 1 for i in ranked[:k]]})
 
 
 # ------------------------------------------------------------------------------------------------------------ losses
 
-def reward_loss(ha: HyperAlign, factors: lora.Factors, x_t: Tensor, t: Tensor, cond, uncond, guidance: float,
+def reward_loss(model: Callable, x0_hat: Callable, x_t: Tensor, t: Tensor, cond, uncond, guidance: float,
                 decode: Callable[[Tensor], Tensor], reward: Callable, prompts: list[str]) -> tuple[Tensor, Tensor]:
-    """L_R = -r(D(x0_hat(x_t))) for the modulated model's one-step prediction (the paper's reward objective).
+    """L_R = -r(D(x0_hat(x_t)), c) for the modulated model's one-step prediction (paper Eq. 8).
 
     x_t comes from a rollout without gradient; the gradient flows through this one model step (and the decoder)
-    into the hypernetwork's factors. With `uncond` the prediction is classifier-free guided (as in sampling), the
-    two copies sharing the sample's LoRA. Returns (loss, reward per sample).
+    into Δθ. With `uncond` the prediction is classifier-free guided (as in sampling), the two copies sharing the
+    sample's LoRA. Returns (loss, reward per sample).
     """
     if uncond is not None:
-        u, c = ha.predict(factors, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+        u, c = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
         pred = u + guidance * (c - u)
     else:
-        pred = ha.predict(factors, x_t, t, cond)
-    images = decode(ha.backbone.x0_hat(x_t, t, pred))                # (B, 3, H, W) in [0, 1]
-    r = reward(images, prompts)                                      # (B,)
+        pred = model(x_t, t, cond)
+    r = reward(decode(x0_hat(x_t, t, pred)), prompts)                # (B,)
     return -r.mean(), r.detach()
 
 
-def regularisation_loss(ha: HyperAlign, factors: lora.Factors, x0: Tensor, eps: Tensor, t: Tensor, cond) -> Tensor:
-    """L_G: the modulated model's denoising loss on preferred images x0 (eps target for VP, velocity for flow)."""
-    pred = ha.predict(factors, ha.backbone.noised(x0, eps, t), t, cond)
-    return F.mse_loss(pred.float(), ha.backbone.target(x0, eps, t).float())
+def regularisation_loss(model: Callable, backbone: Backbone, x0: Tensor, eps: Tensor, t: Tensor, cond) -> Tensor:
+    """L_G (paper Eq. 9): the modulated model's denoising loss on preferred images x0, || f(x_t, t, c) - target ||^2
+    with x_t ~ q(x_t | x0, eps): the eps target for VP (or v), the velocity eps - x0 for flow."""
+    pred = model(backbone.noised(x0, eps, t), t, cond)
+    return F.mse_loss(pred.float(), backbone.target(x0, eps, t).float())
+
+
+def first_reward_step(steps: int, reward_from: float) -> int:
+    """The first sampling step (0 = the noisiest) at which L_R may be taken: `reward_from` of the way along."""
+    return min(int(reward_from * steps), steps - 1)
+
+
+def training_step(method, pipe: "Pipeline", reward, prompts: list[str], pref: dict | None, lam: float,
+                  gen: torch.Generator, reward_from: float = 0.0, reward_mode: str = "one-step",
+                  rows: slice = slice(None), net: nn.Module | None = None) -> dict:
+    """One step of L = L_R + λ L_G (paper Eq. 10) over a batch, accumulated sample by sample; gradients land in the
+    trainable part of `method` only (HyperAlign's hypernetwork, or methods.StaticLoRA's factors). Returns scalars.
+
+    1. roll out trajectories without gradient with the current method (variant S / I / P);
+    2. per sample, a step k drawn from `reward_from` of the way along; Δθ from the state its variant would use
+       (lora_step); one modulated step at x_k gives x0_hat, decoded and scored: L_R. reward_mode "one-step" (the
+       paper): x_k is the rolled-out state and x0_hat its one-step prediction. "direct-align" (SRPO, seed 002): x_k is
+       the rolled-out x_0 noised to t_k with a known eps, and x0_hat is recovered with that eps after one sampler
+       step, so early (noisy) steps are scored on a clean-looking image;
+    3. a preferred image noised to a step drawn from the whole schedule, Δθ from the noised state its variant would
+       use, denoised by the modulated model: L_G.
+
+    Under torchrun `prompts` is the global batch and `rows` this rank's part: all randomness is drawn for the global
+    batch and sliced, so the ranks together do what one process does with the whole batch; `pref` is already this
+    rank's part. `net`: the trainable module wrapped in DDP (gradients averaged over ranks in the last backward).
+    """
+    device, bb, variant, steps = pipe.device, pipe.backbone, method.cfg.variant, pipe.steps
+    key = method.cfg.key_steps_for(steps)
+    G = len(prompts)
+    prompts = prompts[rows]
+    B = len(prompts)
+    cond, uncond = pipe.conds(prompts)
+    x_T = pipe.noise(G, gen, device)[rows]
+    traj = pipe.rollout(method.sampler_model(cond, steps), x_T, cond, uncond)            # 1. no gradient
+    ks = torch.randint(first_reward_step(steps, reward_from), steps, (G,), generator=gen)[rows].tolist()
+    ts, pairs = traj["t"], pipe.pairs()
+    states = traj["x_t"]                                                                # (N+1, B, ...)
+    if reward_mode == "direct-align":                                                   # x_k = q(x_k | x_0, eps_r)
+        eps_r = torch.randn((G, *x_T.shape[1:]), generator=gen)[rows].to(device)
+        x_0 = states[-1]
+        states = torch.stack([bb.noised(x_0, eps_r, pipe.t_batch(t, B)) for t in ts])
+    elif reward_mode != "one-step":
+        raise ValueError(f"reward_mode must be 'one-step' or 'direct-align', got {reward_mode!r}")
+    if pref is not None:
+        x0 = pipe.encode(pref["chosen"].to(device))
+        eps = torch.randn((G, *x0.shape[1:]), generator=gen)[rows].to(device)
+        kg = torch.randint(0, steps, (G,), generator=gen)[rows].tolist()
+        pcond, _ = pipe.conds(pref["prompts"])
+    log = {"loss_r": 0.0, "loss_g": 0.0, "reward": 0.0}
+    with_g = pref is not None and lam != 0
+    for i in range(B):
+        row = slice(i, i + 1)
+        c_i, u_i = cond_rows(cond, row), None if uncond is None else uncond[row]
+        k, s = ks[i], lora_step(variant, ks[i], key)
+        t_k, t_s = pipe.t_batch(ts[k], 1), pipe.t_batch(ts[s], 1)
+        with distributed.sync_if(net, i == B - 1 and not with_g):                       # DDP: sync in the last backward
+            factors = method.factors(states[s][row], t_s, c_i, net)                     # 2. with gradient
+            x0_hat = bb.x0_hat if reward_mode == "one-step" else \
+                (lambda x, t, pred, k=k, i=i: bb.recover(pipe.step(x, pred, *pairs[k])[0], eps_r[i:i + 1],
+                                                          pipe.t_batch(pairs[k][1], 1)))
+            with method.applied(factors) as model:
+                loss_r, r = reward_loss(model, x0_hat, states[k][row], t_k, c_i, u_i, pipe.guidance,
+                                        pipe.decode, reward, prompts[row])
+                if not torch.isfinite(loss_r):
+                    raise FloatingPointError(f"reward loss is {loss_r.item()}")
+                (loss_r / B).backward()
+        log["loss_r"] += loss_r.item() / B
+        log["reward"] += r.mean().item() / B
+        if not with_g:
+            continue
+        k, s = kg[i], lora_step(variant, kg[i], key)                                     # 3.
+        t_k, t_s = pipe.t_batch(ts[k], 1), pipe.t_batch(ts[s], 1)
+        pc_i = cond_rows(pcond, row)
+        with distributed.sync_if(net, i == B - 1):
+            factors = method.factors(bb.noised(x0[row], eps[row], t_s), t_s, pc_i, net)
+            with method.applied(factors) as model:
+                loss_g = regularisation_loss(model, bb, x0[row], eps[row], t_k, pc_i)
+                if not torch.isfinite(loss_g):
+                    raise FloatingPointError(f"regularisation loss is {loss_g.item()}")
+                (lam * loss_g / B).backward()
+        log["loss_g"] += loss_g.item() / B
+    log["loss"] = log["loss_r"] + lam * log["loss_g"]
+    return log

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+
+import distributed
 
 
 class PrefsError(ValueError):
@@ -309,3 +312,20 @@ def pref_batches(pairs: Iterable[PrefPair], batch_size: int, resolution: int, re
             buf = []
     if buf and not drop_last:
         yield collate(buf)
+
+
+def stream(reader, batch_size: int, resolution: int, skip_batches: int = 0, ctx=None) -> Iterator[dict]:
+    """Endless batches of preferred images for L_G, epoch after epoch, the first `skip_batches` skipped (a resumed run
+    continues where it stopped). Under torchrun (`ctx`, a distributed.Context) each rank gets its `batch_size` rows of
+    every global batch of pairs. An epoch with fewer pairs than one global batch is an error."""
+    ctx = ctx or distributed.Context()
+
+    def epochs():
+        while True:
+            pairs = distributed.deal(iter(reader), batch_size, ctx)
+            n = 0
+            for n, batch in enumerate(pref_batches(pairs, batch_size, resolution, drop_last=True), 1):
+                yield batch
+            if n == 0:
+                raise PrefsError(f"preference data {reader!r}: fewer pairs than one batch of {batch_size * ctx.world}")
+    return itertools.islice(epochs(), skip_batches, None)

@@ -29,9 +29,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel
 
-from weights import WeightsError, check_state_dict, read_config, read_safetensors, rename
+from weights import (WeightsError, build_and_load, load_tokenizer, read_config, read_model_folder, rename,
+                     torch_load, transformers_config)
 
 
 # ------------------------------------------------------------------------------------------------------------ contract
@@ -77,19 +78,21 @@ class WeightedSum(Reward):
         return self.forward_parts(images, prompts)[0]
 
 
-# name -> make(path, *, tokenizer, device, dtype) -> Reward. Other modules add their own (toy.py: "toy-clip", ...).
+# name -> make(path, *, tokenizer, device, dtype) -> Reward. The table of real rewards is REWARDS at the end of this
+# file; config.REWARDS adds the toy world's (toy/rewards.py). Nothing registers itself on import.
 RewardMaker = Callable[..., Reward]
-REWARDS: dict[str, RewardMaker] = {}
 
 
 def parse_reward_spec(spec: str, tokenizer: str | None = None, device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None) -> WeightedSum:
+                      dtype: torch.dtype | None = None, registry: Mapping[str, RewardMaker] | None = None
+                      ) -> WeightedSum:
     """Parse `--reward` specs like "hps:HPS_v2.1.pt,pick:PickScore_v1=0.5,rel-hps:HPS.pt" into a WeightedSum.
 
-    Each comma-separated item is `name[:path][=weight]` (weight 1 by default). A `rel-` prefix wraps a CLIP-style
-    reward in SRPO's RelativeReward with its default control words. `tokenizer` is a CLIP tokenizer folder used by
+    Each comma-separated item is `name[:path][=weight]` (weight 1 by default), `name` a key of `registry` (default:
+    REWARDS). A `rel-` prefix wraps the reward in SRPO's RelativeReward with its default control words. `tokenizer` is a CLIP tokenizer folder used by
     rewards whose checkpoint has none (HPS's `.pt`; the SD1.5 pipeline's `tokenizer/` works).
     """
+    registry = REWARDS if registry is None else registry
     parts: dict[str, tuple[Reward, float]] = {}
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -103,13 +106,11 @@ def parse_reward_spec(spec: str, tokenizer: str | None = None, device: str | tor
                 raise ValueError(f"reward spec {spec!r}: weight {w!r} is not a number") from None
         name, _, path = item.partition(":")
         base = name[len("rel-"):] if name.startswith("rel-") else name
-        if base not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(sorted(REWARDS))} "
-                             f"(prefix a CLIP-style one with 'rel-' for SRPO's relative reward)")
-        reward = REWARDS[base](path, tokenizer=tokenizer, device=device, dtype=dtype)
+        if base not in registry:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(sorted(registry))} "
+                             f"(prefix one with 'rel-' for SRPO's relative reward)")
+        reward = registry[base](path, tokenizer=tokenizer, device=device, dtype=dtype)
         if base != name:
-            if not isinstance(reward, CLIPReward):
-                raise ValueError(f"reward spec {spec!r}: 'rel-' needs a CLIP-style reward, {base!r} is not one")
             reward = RelativeReward(reward)
         key, n = name.replace(".", "_"), 2
         while key in parts:  # the same reward twice (e.g. two HPS versions): hps, hps_2, ...
@@ -144,45 +145,15 @@ def clip_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     return (images - mean) / std
 
 
-def _pooled(out) -> torch.Tensor:
+def pooled(out) -> torch.Tensor:
     # NOTE: transformers 5 returns a BaseModelOutputWithPooling whose pooler_output holds the projected features;
     # transformers 4 returned the tensor itself.
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _read_clip_weights(folder: str) -> dict[str, torch.Tensor]:
-    if os.path.isdir(folder) and not any(f.endswith(".safetensors") for f in os.listdir(folder)) \
-            and os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-        # NOTE: some hub folders only have the pickled .bin; weights_only=True unpickles tensors and containers only.
-        return _torch_load(os.path.join(folder, "pytorch_model.bin"))
-    return read_safetensors(folder)
-
-
-def _torch_load(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise WeightsError(f"no such file: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors have many types; all mean the same thing to the user
-        raise WeightsError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from None
-
-
-def build_clip(config: CLIPConfig, sd: Mapping[str, torch.Tensor], what: str,
-               device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CLIPModel:
-    """Build a CLIPModel on the meta device, load `sd` strictly (assign), return it frozen in eval mode."""
-    # NOTE: checkpoints saved by old transformers carry the constant position_ids buffers; they are not weights.
-    sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
-    with torch.device("meta"):
-        model = CLIPModel(config)
-    check_state_dict(model, sd, what)
-    dtype = dtype or torch.float32
-    cast = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in sd.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
-    for emb in (model.text_model.embeddings, model.vision_model.embeddings):  # non-persistent: rebuilt, not loaded
-        emb.position_ids = torch.arange(emb.position_ids.shape[1], device=device).expand(1, -1)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    assert not left, f"{what}: tensors left on meta after loading: {left[:5]}"
-    return model.eval().requires_grad_(False)
+def build_clip(config: CLIPConfig, sd: Mapping[str, torch.Tensor], what: str, device=None, dtype=None) -> CLIPModel:
+    """A frozen CLIPModel from a state dict, loaded strictly (weights.build_and_load)."""
+    return build_and_load(lambda: CLIPModel(config), sd, what, dtype, device)
 
 
 def load_clip_model(folder: str, device=None, dtype=None) -> CLIPModel:
@@ -190,29 +161,14 @@ def load_clip_model(folder: str, device=None, dtype=None) -> CLIPModel:
     cfg = read_config(folder)
     if cfg.get("model_type") != "clip":
         raise WeightsError(f"{folder}: config.json has model_type {cfg.get('model_type')!r}, expected 'clip'")
-    return build_clip(CLIPConfig.from_dict(cfg), _read_clip_weights(folder), f"CLIP model {folder}", device, dtype)
-
-
-def load_clip_tokenizer(*folders: str | None) -> CLIPTokenizer:
-    """The first folder (or its `tokenizer/` sub-folder) holding a CLIP tokenizer (vocab.json + merges.txt, or
-    tokenizer.json)."""
-    tried = []
-    for folder in folders:
-        if not folder:
-            continue
-        for f in (folder, os.path.join(folder, "tokenizer")):
-            has = lambda name: os.path.isfile(os.path.join(f, name))  # noqa: E731
-            if (has("vocab.json") and has("merges.txt")) or has("tokenizer.json"):
-                return CLIPTokenizer.from_pretrained(f)
-            tried.append(f)
-    raise WeightsError(f"no CLIP tokenizer (vocab.json + merges.txt) in {', '.join(tried) or 'no folder'}; pass a "
-                       f"tokenizer folder (any CLIP tokenizer works, e.g. the SD1.5 pipeline's tokenizer/)")
+    config = transformers_config(CLIPConfig, cfg, os.path.join(folder, "config.json"))
+    return build_clip(config, read_model_folder(folder), f"CLIP model {folder}", device, dtype)
 
 
 class CLIPReward(Reward):
     """score = scale · cos(f_img, f_txt) on a frozen transformers CLIPModel; scale None means logit_scale.exp()."""
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, scale: float | None):
+    def __init__(self, model: CLIPModel, tokenizer, scale: float | None):
         super().__init__()
         self.model, self.tokenizer, self.fixed_scale = model, tokenizer, scale
         self.size = model.config.vision_config.image_size  # 224 for every real checkpoint
@@ -224,7 +180,7 @@ class CLIPReward(Reward):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> unit-norm image features (B, D), float32, differentiable."""
         pixels = clip_preprocess(images, self.size).to(self.model.logit_scale.dtype)  # (B, 3, S, S)
-        return F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        return F.normalize(pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
 
     @torch.no_grad()
     def encode_texts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -233,7 +189,7 @@ class CLIPReward(Reward):
         # padding after it (EOT for HF tokenizers, 0 for open_clip's) never changes the features.
         ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt").input_ids.to(self.model.logit_scale.device)  # (B, L)
-        return F.normalize(_pooled(self.model.get_text_features(input_ids=ids)).float(), dim=-1)
+        return F.normalize(pooled(self.model.get_text_features(input_ids=ids)).float(), dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_inputs(images, prompts)
@@ -314,7 +270,7 @@ def hps_config(sd: Mapping[str, torch.Tensor], vision_heads: int = 16, text_head
 
 def read_hps_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The open_clip state dict in an HPS `.pt`: a dict with 'state_dict' (HPS releases) or a bare state dict."""
-    ckpt = _torch_load(path)
+    ckpt = torch_load(path)
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: expected a state dict or a dict with 'state_dict', got {type(ckpt).__name__}")
@@ -329,14 +285,14 @@ def load_hps(path: str, tokenizer: str | None = None, device=None, dtype=None,
     sd = read_hps_state_dict(path)
     config = hps_config(sd, vision_heads, text_heads, hidden_act)
     model = build_clip(config, hps_to_transformers(sd), f"HPS checkpoint {path}", device, dtype)
-    return CLIPReward(model, load_clip_tokenizer(tokenizer, os.path.dirname(os.path.abspath(path))), scale=1.0)
+    return CLIPReward(model, load_tokenizer(tokenizer, os.path.dirname(os.path.abspath(path))), scale=1.0)
 
 
 # -------------------------------------------------------------------------------------------------------------- others
 
 def load_pickscore(folder: str, tokenizer: str | None = None, device=None, dtype=None) -> CLIPReward:
     """PickScore (Kirstain et al. 2023): logit_scale.exp() · cos(f_img, f_txt) on a CLIPModel folder (ViT-H-14)."""
-    return CLIPReward(load_clip_model(folder, device, dtype), load_clip_tokenizer(folder, tokenizer), scale=None)
+    return CLIPReward(load_clip_model(folder, device, dtype), load_tokenizer(folder, tokenizer), scale=None)
 
 
 def load_clip_score(folder: str, tokenizer: str | None = None, device=None, dtype=None) -> CLIPReward:
@@ -345,7 +301,7 @@ def load_clip_score(folder: str, tokenizer: str | None = None, device=None, dtyp
     NOTE: not clamped at 0 (torchmetrics clamps) so it stays differentiable; the paper's tables report the plain
     cosine (≈ 0.27), i.e. this score / 100.
     """
-    return CLIPReward(load_clip_model(folder, device, dtype), load_clip_tokenizer(folder, tokenizer), scale=100.0)
+    return CLIPReward(load_clip_model(folder, device, dtype), load_tokenizer(folder, tokenizer), scale=100.0)
 
 
 class AestheticMLP(nn.Module):
@@ -370,19 +326,16 @@ class AestheticReward(Reward):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_inputs(images, prompts)
         pixels = clip_preprocess(images, self.clip.config.vision_config.image_size).to(self.clip.logit_scale.dtype)
-        f_img = F.normalize(_pooled(self.clip.get_image_features(pixel_values=pixels)).float(), dim=-1)  # (B, D)
+        f_img = F.normalize(pooled(self.clip.get_image_features(pixel_values=pixels)).float(), dim=-1)  # (B, D)
         return self.mlp(f_img.to(self.mlp.layers[0].weight.dtype)).float()
 
 
 def load_aesthetic(clip_folder: str, mlp_path: str, device=None, dtype=None) -> AestheticReward:
-    sd = _torch_load(mlp_path)
+    sd = torch_load(mlp_path)
     if not isinstance(sd, dict) or "layers.0.weight" not in sd:
         raise WeightsError(f"{mlp_path}: not a LAION aesthetic MLP state dict (no layers.0.weight)")
-    with torch.device("meta"):
-        mlp = AestheticMLP(sd["layers.0.weight"].shape[1])
-    check_state_dict(mlp, sd, f"aesthetic MLP {mlp_path}")
-    mlp.load_state_dict({k: v.to(device=device, dtype=dtype or torch.float32) for k, v in sd.items()},
-                        strict=True, assign=True)
+    mlp = build_and_load(lambda: AestheticMLP(sd["layers.0.weight"].shape[1]), sd, f"aesthetic MLP {mlp_path}",
+                         dtype, device)
     clip = load_clip_model(clip_folder, device, dtype)
     if clip.config.projection_dim != mlp.layers[0].in_features:
         raise WeightsError(f"aesthetic MLP {mlp_path} takes {mlp.layers[0].in_features}-d features but CLIP "
@@ -391,25 +344,29 @@ def load_aesthetic(clip_folder: str, mlp_path: str, device=None, dtype=None) -> 
 
 
 class RelativeReward(Reward):
-    """SRPO's semantic relative reward (Shen et al. 2025, seed 002): r = f_img · ((1+k) f_txt(p+) − f_txt(p−)),
+    """SRPO's semantic relative reward (Shen et al. 2025, seed 002) around any text-conditioned reward r:
 
-    with p± = control word prepended to the prompt ("Realistic photo. <prompt>" vs "Painting. <prompt>"). The text
-    term cancels what the two prompts share, so the gradient pushes only along the control-word direction.
-    NOTE: multiplied by the base reward's scale (1 for HPS, as in SRPO) so scores keep the base reward's units;
-    k is not published in the abstract (default 0).
+        score = (1 + k) · r(x, p+ · c) − r(x, p− · c)        p± = a control phrase prepended to the prompt c
+
+    For a CLIP-cosine reward (HPS) this is SRPO's f_img · ((1+k) f_txt(p+) − f_txt(p−)), computed so from one image
+    encoding. The text term cancels what the two prompts share, so the part that k does not keep pushes only along
+    the control direction ("Realistic photo." vs "Painting.").
+    NOTE: k is not published in the abstract; ours k = 1, so the score is the plain reward r(x, p+ · c) plus the
+    control-word difference. One class for `--reward rel-NAME` and the Direct-Align baseline alike.
     """
 
-    def __init__(self, base: CLIPReward, positive: str = "Realistic photo.", negative: str = "Painting.",
-                 k: float = 0.0):
+    def __init__(self, base: Reward, positive: str = "Realistic photo.", negative: str = "Painting.", k: float = 1.0):
         super().__init__()
         self.base, self.positive, self.negative, self.k = base, positive, negative, k
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_inputs(images, prompts)
-        f_img = self.base.encode_images(images)  # (B, D)
-        f_pos = self.base.encode_texts([f"{self.positive} {p}" for p in prompts])  # (B, D)
-        f_neg = self.base.encode_texts([f"{self.negative} {p}" for p in prompts])  # (B, D)
-        return self.base.scale() * (f_img * ((1 + self.k) * f_pos - f_neg)).sum(-1)  # (B,)
+        pos, neg = [f"{self.positive} {p}" for p in prompts], [f"{self.negative} {p}" for p in prompts]
+        if isinstance(self.base, CLIPReward):                       # linear in the text feature: one image pass
+            f_img = self.base.encode_images(images)                                              # (B, D)
+            f_txt = (1 + self.k) * self.base.encode_texts(pos) - self.base.encode_texts(neg)      # (B, D)
+            return self.base.scale() * (f_img * f_txt).sum(-1)                                   # (B,)
+        return (1 + self.k) * self.base(images, pos) - self.base(images, neg)
 
 
 def _make_aesthetic(path: str, tokenizer=None, device=None, dtype=None) -> AestheticReward:
@@ -419,9 +376,9 @@ def _make_aesthetic(path: str, tokenizer=None, device=None, dtype=None) -> Aesth
     return load_aesthetic(clip_folder, mlp_path, device, dtype)
 
 
-REWARDS.update({
+REWARDS: dict[str, RewardMaker] = {
     "hps": lambda path, tokenizer=None, device=None, dtype=None: load_hps(path, tokenizer, device, dtype),
     "pick": lambda path, tokenizer=None, device=None, dtype=None: load_pickscore(path, tokenizer, device, dtype),
     "clip": lambda path, tokenizer=None, device=None, dtype=None: load_clip_score(path, tokenizer, device, dtype),
     "aesthetic": _make_aesthetic,
-})
+}

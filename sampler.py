@@ -83,6 +83,14 @@ class VPSchedule:
             ts = np.linspace(0, T - 1, steps).round()[::-1]
         return torch.from_numpy(ts.astype(np.int64).copy())
 
+    def step_pairs(self, steps: int) -> list[tuple[int, int]]:
+        """[(t, t_prev)] of the `steps` DDIM updates, t_prev < 0 meaning "before t = 0" (final_alpha_bar).
+
+        NOTE: diffusers' DDIM steps back by T // N whatever the spacing, so with "trailing" or "linspace" spacing
+        t_prev is not always the next visited timestep; we do the same, for parity.
+        """
+        return [(t, t - self.T // steps) for t in self.timesteps(steps).tolist()]
+
     def alpha_bar_at(self, t: int | torch.Tensor) -> torch.Tensor:
         t = int(t)
         return self.alpha_bar[t] if t >= 0 else self.final_alpha_bar
@@ -151,21 +159,18 @@ def ddim_sample(model: Callable, x_T: torch.Tensor, cond, schedule: VPSchedule, 
     int64 tensor of shape (batch,) holding the current training timestep. Returns x_0, or with trajectory=True
     (x_0, {"t": (N,), "x_t": (N+1, B, ...) from x_T to x_0, "x0_hat": (N, B, ...)}).
     """
-    ts = schedule.timesteps(steps).tolist()
-    step = schedule.T // steps  # NOTE: diffusers' DDIM steps back by T // N for every spacing
+    pairs = schedule.step_pairs(steps)
     x_t, xs, x0s = x_T, [x_T], []
-    for t in tqdm(ts, desc="DDIM", disable=not progress):
+    for t, t_prev in tqdm(pairs, desc="DDIM", disable=not progress):
         t_batch = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=x_t.device)
         pred = guided(model, x_t, t_batch, cond, uncond, guidance)
-        x_t, x0_hat = ddim_step(x_t, pred, t, t - step, schedule, eta, generator)
+        x_t, x0_hat = ddim_step(x_t, pred, t, t_prev, schedule, eta, generator)
         if trajectory:
             xs.append(x_t)
             x0s.append(x0_hat)
     if trajectory:
-        return x_t, {"t": torch.tensor(ts), "x_t": torch.stack(xs), "x0_hat": torch.stack(x0s)}
+        return x_t, {"t": torch.tensor([t for t, _ in pairs]), "x_t": torch.stack(xs), "x0_hat": torch.stack(x0s)}
     return x_t
-
-
 
 
 # --------------------------------------------------------------------------------------------- rectified flow (FLUX)
@@ -227,18 +232,6 @@ def flux_cond(txt: torch.Tensor, y: torch.Tensor, img_ids: torch.Tensor, guidanc
     return cond
 
 
-def flux_model_fn(flux: torch.nn.Module) -> Callable:
-    """Adapt BFL's `flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)` to the sampler contract
-    `model(x_t, t, cond) -> v`. Inputs are cast to the model's dtype (bf16), v comes back in x_t's dtype (fp32)."""
-    def model(x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        dtype = next(flux.parameters()).dtype
-        g = cond.get("guidance")
-        v = flux(x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
-                 cond["y"].to(dtype), None if g is None else g.to(dtype))
-        return v.to(x_t.dtype)
-    return model
-
-
 def flow_x0_hat(x_t: torch.Tensor, t: torch.Tensor | float, v: torch.Tensor) -> torch.Tensor:
     """One-step prediction of the clean latent: x0_hat = x_t - t v (exact if v were the true velocity)."""
     return x_t - t * v
@@ -254,7 +247,7 @@ def flow_sample(model: Callable, x_T: torch.Tensor, cond: dict, steps: int = 28,
     """Rectified-flow sampling: Euler integration of dx/dt = v from t = 1 (noise x_T) to t = 0 (BFL `denoise`).
 
     `model(x_t, t, cond) -> v` on packed latents x_t (B, L, C) with t a float tensor (B,) in [0, 1] (see
-    flux_model_fn). The times are `flow_timesteps(steps, L, shift)` (dev: shift=True; schnell: False) unless `ts` is
+    backbone.Backbone). The times are `flow_timesteps(steps, L, shift)` (dev: shift=True; schnell: False) unless `ts` is
     given. Guidance-distilled (dev) and plain (schnell) sampling differ only in cond["guidance"] (see flux_cond).
     Returns x_0, or with trajectory=True (x_0, {"t": (N,), "x_t": (N+1, B, L, C) from x_T to x_0, "x0_hat": (N, ...)}).
     """

@@ -30,6 +30,7 @@ class VAEConfig:
     shift_factor: float = 0.0
     quant_conv: bool = True             # SD has 1x1 quant_conv / post_quant_conv around the latent; FLUX has none
     mid_block_add_attention: bool = True
+    sample_size: int | None = None      # image size the model was trained at (diffusers' key; informational)
 
     @classmethod
     def preset(cls, name: str) -> "VAEConfig":

@@ -5,17 +5,17 @@ direct `load_state_dict(strict=True)`; other layouts are converted by a few *rul
 Large models are built on the `meta` device and the loaded tensors are assigned, so loading never holds two copies.
 
 Sections:
-  # ---- core        reading safetensors files / sharded folders, strict key checks, meta-build-and-assign
-  # ---- SD1.5       U-Net, VAE, text encoder, whole pipelines (diffusers folders and LDM single files)
-  # ---- FLUX        transformer (BFL single file, diffusers folder), FLUX VAE, CLIP-L + T5 text encoders
+  # ---- core        reading safetensors / torch files and configs, strict key checks, meta-build-and-assign
+  # ---- SD1.5       U-Net and VAE (diffusers folders and LDM single files)
+  # ---- text        CLIP / T5 text encoders and tokenizers (either tokenizer layout)
+  # ---- pipelines   a whole SD1.x pipeline
+FLUX's transformer and pipeline folders: weights_flux.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import warnings
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -23,7 +23,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from flux import Flux, FluxConfig
 
 
 class WeightsError(ValueError):
@@ -58,11 +57,28 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:
+    """A JSON object from FOLDER/NAME; a missing, unreadable, non-UTF-8 or non-object file is one WeightsError."""
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise WeightsError(f"no {name} in {folder}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable JSON file: {e}") from None
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def torch_load(path: str) -> dict:
+    """A torch checkpoint of tensors and containers only (weights_only: no code is unpickled), on the CPU."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors have many types; all mean the same thing to the user
+        raise WeightsError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from None
 
 
 def _listing(names: list[str], n: int = 5) -> str:
@@ -88,21 +104,41 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str
         raise WeightsError(f"{what}: checkpoint does not match the model: " + "; ".join(parts))
 
 
+# Constant, non-persistent buffers of transformers models, rebuilt after loading (never read from a file).
+CONSTANT_BUFFERS = {"position_ids": lambda shape, device: torch.arange(shape[-1], device=device).expand(shape),
+                    "token_type_ids": lambda shape, device: torch.zeros(shape, dtype=torch.long, device=device)}
+
+
 def build_and_load(make: Callable[[], nn.Module], sd: Mapping[str, torch.Tensor], what: str,
                    dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
     """Build `make()` on the meta device, check `sd` strictly, assign its tensors, return the model in eval mode.
 
-    Tensors are cast to `dtype` (default: float32 for floating tensors) and moved to `device` one at a time, so peak
-    memory is one copy of the checkpoint. Buffers that are not in the state dict must not exist: modules compute such
-    constants (RoPE frequencies, sinusoidal tables) on the fly.
+    The one loader behind every model here (ours, transformers' CLIP / T5 / BLIP). Tensors are cast to `dtype`
+    (default: float32 for floating tensors) and moved to `device` one at a time, so peak memory is one copy of the
+    checkpoint. Tied parameters (T5's shared embedding) are filled from whichever name the file holds; constant
+    buffers (CONSTANT_BUFFERS) are rebuilt, and old files that still store them are accepted. Any other buffer must
+    be in the file: our modules compute such constants (RoPE frequencies, sinusoidal tables) on the fly.
     """
     with torch.device("meta"):
         model = make()
+    constant = {n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in CONSTANT_BUFFERS}
+    sd = {k: v for k, v in sd.items() if k not in constant}
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for names in (n for n in aliases.values() if len(n) > 1):
+        held = [n for n in names if n in sd]
+        if held:
+            sd.update({n: sd[held[0]] for n in names if n not in sd})
     check_state_dict(model, sd, what)
     dtype = dtype or torch.float32
     cast = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device))
             for k, v in sd.items()}
     model.load_state_dict(cast, strict=True, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta and name in constant:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, CONSTANT_BUFFERS[attr](buf.shape, device))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not left, f"{what}: tensors left on meta after loading: {left[:5]}"
     return model.eval().requires_grad_(False)
@@ -183,13 +219,15 @@ def ldm_vae_rules(n_levels: int) -> list[tuple[str, object]]:
     ]
 
 
-def _model_file_folder(folder: str) -> dict[str, torch.Tensor]:
-    """A diffusers model folder's weights: the index (sharded) or diffusion_pytorch_model.safetensors, ignoring
-    precision variants (*.fp16.safetensors) next to it."""
+def read_model_folder(folder: str) -> dict[str, torch.Tensor]:
+    """A model folder's weights: the index (sharded), diffusion_pytorch_model / model.safetensors (precision variants
+    such as *.fp16.safetensors beside it are ignored), or a lone pytorch_model.bin (read with weights_only)."""
+    files = os.listdir(folder)
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
-        if os.path.isfile(os.path.join(folder, name)) and not any(
-                f.endswith(".safetensors.index.json") for f in os.listdir(folder)):
+        if name in files and not any(f.endswith(".safetensors.index.json") for f in files):
             return read_safetensors(os.path.join(folder, name))
+    if "pytorch_model.bin" in files and not any(f.endswith(".safetensors") for f in files):
+        return torch_load(os.path.join(folder, "pytorch_model.bin"))
     return read_safetensors(folder)
 
 
@@ -206,7 +244,7 @@ def load_unet(path: str, dtype: torch.dtype | None = None, device: str | torch.d
     if os.path.isdir(path):
         path = _sub(path, "unet")
         cfg = UNetConfig.from_diffusers(read_config(path))
-        sd = _model_file_folder(path)
+        sd = read_model_folder(path)
     else:
         cfg = config or UNetConfig.preset("sd15")
         full = read_safetensors(path)
@@ -250,7 +288,7 @@ def load_vae(path: str, dtype: torch.dtype | None = None, device: str | torch.de
     if os.path.isdir(path):
         path = _sub(path, "vae")
         cfg = VAEConfig.from_diffusers(read_config(path))
-        sd = _model_file_folder(path)
+        sd = read_model_folder(path)
     else:
         full = read_safetensors(path)
         sd = strip_prefix(full, "first_stage_model.") or full
@@ -266,6 +304,9 @@ def load_vae(path: str, dtype: torch.dtype | None = None, device: str | torch.de
     sd = _squeeze_attention(rename(sd, ldm_vae_rules(len(cfg.block_out_channels))))
     return build_and_load(lambda: AutoencoderKL(cfg), sd, f"VAE {path}", dtype, device)
 
+
+# --------------------------------------------------------------------------------------------------------------- text
+# Text encoders are transformers models (CLIPTextModel; T5EncoderModel for FLUX), loaded strictly by build_and_load.
 
 def clip_text_config_from_keys(sd: Mapping[str, torch.Tensor]):
     """CLIPTextConfig read off a text encoder's keys. NOTE: heads are not visible in the weights; head dim 64, as in
@@ -284,274 +325,80 @@ def clip_text_config_from_keys(sd: Mapping[str, torch.Tensor]):
                           bos_token_id=vocab - 2, eos_token_id=vocab - 1)  # CLIP's vocabulary ends with these two
 
 
+def transformers_config(cls, cfg: dict, path: str):
+    """A transformers config object from a config.json dict; nonsense (0 heads, a width not divisible by the heads,
+    a missing size) is one WeightsError naming the file."""
+    try:
+        config = cls.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: not a valid {cls.__name__}: {e}") from None
+    heads = getattr(config, "num_attention_heads", getattr(config, "num_heads", 1))
+    width = getattr(config, "hidden_size", getattr(config, "d_model", 1))
+    if not (isinstance(heads, int) and isinstance(width, int) and heads > 0 and width > 0 and
+            (cls.__name__.startswith("T5") or width % heads == 0)):
+        raise WeightsError(f"{path}: {cls.__name__} with {heads} heads and width {width} is not a model")
+    return config
+
+
 def load_text_encoder(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """transformers CLIPTextModel from a folder (text_encoder/ or a pipeline folder: config.json + model.safetensors)
-    or an SD1.5 single file (`cond_stage_model.transformer.*`, config read off the keys)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """A frozen text encoder: a folder with config.json (model_type clip_text_model -> CLIPTextModel, t5 ->
+    T5EncoderModel) and safetensors weights (text_encoder/ or a pipeline folder), or an SD1.5 single file
+    (`cond_stage_model.transformer.*`, config read off the keys). Strict: a missing config, a missing or mis-shaped
+    tensor is one WeightsError."""
+    import transformers
+    classes = {"clip_text_model": (transformers.CLIPTextModel, transformers.CLIPTextConfig),
+               "t5": (transformers.T5EncoderModel, transformers.T5Config)}
     if os.path.isdir(path):
         path = _sub(path, "text_encoder")
-        config = CLIPTextConfig.from_pretrained(path)
-        sd = _model_file_folder(path)
+        cfg = read_config(path)
+        if cfg.get("model_type") not in classes:
+            raise WeightsError(f"{path}: text encoder model_type {cfg.get('model_type')!r} is not one of "
+                               f"{sorted(classes)}")
+        cls, config_cls = classes[cfg["model_type"]]
+        config = transformers_config(config_cls, cfg, os.path.join(path, "config.json"))
+        sd = read_model_folder(path)
     else:
         full = read_safetensors(path)
         sd = strip_prefix(full, "cond_stage_model.transformer.")
         if not sd:
             raise WeightsError(f"{path}: not an SD checkpoint: no text encoder keys (cond_stage_model.transformer.*)")
-        config = clip_text_config_from_keys(rename(sd, [(r"^(?!text_model\.)", "text_model.")]))
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}  # a constant, stored by old transformers
-    return _build_clip(CLIPTextModel, config, sd, f"text encoder {path}", dtype, device)
+        cls, config = transformers.CLIPTextModel, clip_text_config_from_keys(rename(sd, [(r"^(?!text_model\.)",
+                                                                                          "text_model.")]))
+    if cls is transformers.CLIPTextModel:
+        # NOTE: files say `text_model.embeddings...`; transformers 5 names the same tensors without `text_model.`
+        with torch.device("meta"):
+            prefixed = any(k.startswith("text_model.") for k in cls(config).state_dict())
+        sd = rename(sd, [(r"^(?!text_model\.)", "text_model.")] if prefixed else [(r"^text_model\.", "")])
+    return build_and_load(lambda: cls(config), sd, f"text encoder {path}", dtype, device)
 
 
-def _build_clip(cls, config, sd, what, dtype, device):
-    """build_and_load for transformers models, whose `position_ids` buffer is a non-persistent constant."""
-    with torch.device("meta"):
-        model = cls(config)
-    # NOTE: files say `text_model.embeddings...`; transformers 5 names the same tensors without `text_model.`
-    prefixed = any(k.startswith("text_model.") for k in model.state_dict())
-    sd = rename(sd, [(r"^(?!text_model\.)", "text_model.")] if prefixed else [(r"^text_model\.", "")])
-    check_state_dict(model, sd, what)
-    dtype = dtype or torch.float32
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta and name.endswith("position_ids"):
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-            owner.position_ids = torch.arange(buf.shape[-1], device=device).expand(1, -1)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    assert not left, f"{what}: tensors left on meta after loading: {left[:5]}"
-    return model.eval().requires_grad_(False)
+# Tokenizer files by kind: either layout of a CLIP tokenizer (current transformers' `save_pretrained` writes only
+# tokenizer.json + tokenizer_config.json; older folders have vocab.json + merges.txt), T5's, BERT's.
+TOKENIZER_FILES = {"clip": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+                   "t5": (("tokenizer.json",), ("spiece.model",)),
+                   "bert": (("tokenizer.json",), ("vocab.txt",))}
 
 
-def load_tokenizer(path: str):
-    """CLIPTokenizer from a tokenizer folder (vocab.json + merges.txt) or a pipeline folder's tokenizer/."""
-    from transformers import CLIPTokenizer
-    path = _sub(path, "tokenizer")
-    if not (os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt"))):
-        raise WeightsError(f"{path}: not a CLIP tokenizer folder (needs vocab.json and merges.txt)")
-    return CLIPTokenizer.from_pretrained(path)
+def find_tokenizer(*paths: str | None, kind: str = "clip") -> str | None:
+    """The first of `paths` (or its `tokenizer/` sub-folder) that holds a tokenizer of `kind`, else None."""
+    for path in paths:
+        for folder in filter(None, (path, path and os.path.join(path, "tokenizer"))):
+            if any(all(os.path.isfile(os.path.join(folder, f)) for f in files) for files in TOKENIZER_FILES[kind]):
+                return folder
+    return None
 
 
-@dataclass
-class SDPipeline:
-    """A whole SD1.x model: U-Net, VAE, CLIP text encoder + tokenizer, and the scheduler settings (a dict in
-    diffusers' scheduler_config.json vocabulary; see sampler.VPSchedule.from_config)."""
-    unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    scheduler: dict
-
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> context (B, 77, D): CLIP's last hidden state, prompts padded to 77 tokens; longer ones are
-        truncated with a warning (as diffusers does)."""
-        max_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                             return_tensors="pt").input_ids
-        for p, n in zip(prompts, (len(i) for i in self.tokenizer(prompts).input_ids)):
-            if n > max_length:
-                warnings.warn(f"prompt truncated to {max_length} tokens (it has {n}): {p[:60]!r}...", stacklevel=2)
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(ids.to(device))[0]  # (B, 77, D)
-
-
-def load_sd(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-            tokenizer: str | None = None, config=None, vae_config=None) -> SDPipeline:
-    """A whole SD1.x pipeline: a diffusers folder (model_index.json with unet/ vae/ text_encoder/ tokenizer/
-    scheduler/) or an LDM single file plus a `tokenizer` folder (`config`: its UNetConfig, default sd15;
-    `vae_config`: its VAEConfig, default read off the keys)."""
-    from sampler import SD15_SCHEDULER
-    if not os.path.exists(path):
-        raise WeightsError(f"no such file or folder: {path}")
-    if os.path.isdir(path):
-        index = read_config(path, "model_index.json")
-        subs = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(path, s))]
-        if subs:
-            raise WeightsError(f"{path} is not a diffusers SD folder ({index.get('_class_name')}): no {subs}")
-        sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
-        scheduler = read_config(os.path.dirname(sched_file), "scheduler_config.json") if os.path.isfile(sched_file) \
-            else dict(SD15_SCHEDULER)
-        return SDPipeline(load_unet(os.path.join(path, "unet"), dtype, device),
-                          load_vae(os.path.join(path, "vae"), dtype, device),
-                          load_text_encoder(os.path.join(path, "text_encoder"), dtype, device),
-                          load_tokenizer(os.path.join(path, "tokenizer")), scheduler)
-    if tokenizer is None:
-        raise WeightsError(f"{path}: a single-file checkpoint needs a CLIP tokenizer folder (vocab.json, merges.txt)")
-    return SDPipeline(load_unet(path, dtype, device, config), load_vae(path, dtype, device, vae_config),
-                      load_text_encoder(path, dtype, device), load_tokenizer(tokenizer), dict(SD15_SCHEDULER))
-
-
-# ---------------------------------------------------------------------------------------------------------------- FLUX
-
-# The FLUX transformer is named after BFL's keys; diffusers' FluxTransformer2DModel splits fused projections (q/k/v,
-# and q/k/v + MLP-in in the single blocks) and stores the final modulation as (scale, shift). Rules, then two fixes.
-
-FLUX_DIFFUSERS_RULES = [
-    (r"^x_embedder\.", "img_in."),
-    (r"^context_embedder\.", "txt_in."),
-    (r"^time_text_embed\.timestep_embedder\.", "time_in."),
-    (r"^time_text_embed\.guidance_embedder\.", "guidance_in."),
-    (r"^time_text_embed\.text_embedder\.", "vector_in."),
-    (r"^(time_in|guidance_in|vector_in)\.linear_1\.", r"\1.in_layer."),
-    (r"^(time_in|guidance_in|vector_in)\.linear_2\.", r"\1.out_layer."),
-    (r"^transformer_blocks\.", "double_blocks."),
-    (r"^single_transformer_blocks\.", "single_blocks."),
-    # double-stream blocks: diffusers' "context" stream is BFL's txt stream
-    (r"^(double_blocks\.\d+)\.norm1\.linear\.", r"\1.img_mod.lin."),
-    (r"^(double_blocks\.\d+)\.norm1_context\.linear\.", r"\1.txt_mod.lin."),
-    (r"^(double_blocks\.\d+)\.attn\.to_([qkv])\.", r"\1.img_attn.qkv.\2."),  # parts, fused below
-    (r"^(double_blocks\.\d+)\.attn\.add_([qkv])_proj\.", r"\1.txt_attn.qkv.\2."),
-    (r"^(double_blocks\.\d+)\.attn\.norm_q\.weight$", r"\1.img_attn.norm.query_norm.scale"),
-    (r"^(double_blocks\.\d+)\.attn\.norm_k\.weight$", r"\1.img_attn.norm.key_norm.scale"),
-    (r"^(double_blocks\.\d+)\.attn\.norm_added_q\.weight$", r"\1.txt_attn.norm.query_norm.scale"),
-    (r"^(double_blocks\.\d+)\.attn\.norm_added_k\.weight$", r"\1.txt_attn.norm.key_norm.scale"),
-    (r"^(double_blocks\.\d+)\.attn\.to_out\.0\.", r"\1.img_attn.proj."),
-    (r"^(double_blocks\.\d+)\.attn\.to_add_out\.", r"\1.txt_attn.proj."),
-    (r"^(double_blocks\.\d+)\.ff\.net\.0\.proj\.", r"\1.img_mlp.0."),
-    (r"^(double_blocks\.\d+)\.ff\.net\.2\.", r"\1.img_mlp.2."),
-    (r"^(double_blocks\.\d+)\.ff_context\.net\.0\.proj\.", r"\1.txt_mlp.0."),
-    (r"^(double_blocks\.\d+)\.ff_context\.net\.2\.", r"\1.txt_mlp.2."),
-    # single-stream blocks: linear1 = [q; k; v; mlp-in], linear2 = proj_out
-    (r"^(single_blocks\.\d+)\.norm\.linear\.", r"\1.modulation.lin."),
-    (r"^(single_blocks\.\d+)\.attn\.to_([qkv])\.", r"\1.linear1.\2."),
-    (r"^(single_blocks\.\d+)\.proj_mlp\.", r"\1.linear1.mlp."),
-    (r"^(single_blocks\.\d+)\.attn\.norm_q\.weight$", r"\1.norm.query_norm.scale"),
-    (r"^(single_blocks\.\d+)\.attn\.norm_k\.weight$", r"\1.norm.key_norm.scale"),
-    (r"^(single_blocks\.\d+)\.proj_out\.", r"\1.linear2."),
-    (r"^norm_out\.linear\.", "final_layer.adaLN_modulation.1."),  # halves swapped below
-    (r"^proj_out\.", "final_layer.linear."),
-]
-_FLUX_PART = re.compile(r"^(.+\.(?:qkv|linear1))\.(q|k|v|mlp)\.(weight|bias)$")
-
-
-def _swap_halves(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a], dim=0)
-
-
-def flux_diffusers_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers FluxTransformer2DModel state dict -> BFL names: rename, fuse q|k|v(|mlp) parts, swap final halves."""
-    out: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in rename(sd, FLUX_DIFFUSERS_RULES).items():
-        m = _FLUX_PART.match(k)
-        if m:
-            parts.setdefault(f"{m[1]}.{m[3]}", {})[m[2]] = v
-        else:
-            out[k] = v
-    for k, p in parts.items():
-        order = ["q", "k", "v"] + (["mlp"] if ".linear1." in k else [])
-        if sorted(p) != sorted(order):
-            raise WeightsError(f"FLUX transformer: {k} needs parts {order}, the checkpoint has {sorted(p)}")
-        out[k] = torch.cat([p[n] for n in order], dim=0)
-    for k in ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"):
-        if k in out:
-            out[k] = _swap_halves(out[k])  # diffusers (scale, shift) -> BFL (shift, scale)
-    return out
-
-
-def flux_config_from_diffusers(cfg: Mapping) -> FluxConfig:
-    """FluxTransformer2DModel config.json -> FluxConfig (missing entries take diffusers' class defaults)."""
-    if cfg.get("patch_size", 1) != 1:
-        raise WeightsError(f"FLUX transformer: patch_size {cfg['patch_size']} is not supported (FLUX.1 uses 1)")
-    heads, head_dim = cfg.get("num_attention_heads", 24), cfg.get("attention_head_dim", 128)
-    in_channels = cfg.get("in_channels", 64)
+def load_tokenizer(*paths: str | None, kind: str = "clip"):
+    """The tokenizer in the first of `paths` that has one (see find_tokenizer): CLIPTokenizer, the class a T5 folder
+    names, or BertTokenizer. Either file layout works."""
+    from transformers import AutoTokenizer, BertTokenizer, CLIPTokenizer
+    folder = find_tokenizer(*paths, kind=kind)
+    if folder is None:
+        need = " or ".join(" + ".join(f) for f in TOKENIZER_FILES[kind])
+        tried = ", ".join(p for p in paths if p) or "no folder"
+        raise WeightsError(f"no {kind.upper()} tokenizer ({need}) in {tried}")
+    cls = {"clip": CLIPTokenizer, "t5": AutoTokenizer, "bert": BertTokenizer}[kind]
     try:
-        return FluxConfig(in_channels=in_channels, out_channels=cfg.get("out_channels") or in_channels,
-                          vec_in_dim=cfg.get("pooled_projection_dim", 768),
-                          context_in_dim=cfg.get("joint_attention_dim", 4096), hidden_size=heads * head_dim,
-                          num_heads=heads, depth=cfg.get("num_layers", 19),
-                          depth_single_blocks=cfg.get("num_single_layers", 38),
-                          axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
-                          guidance_embed=bool(cfg.get("guidance_embeds", False)))
-    except ValueError as e:
-        raise WeightsError(f"FLUX transformer config: {e}") from None
-
-
-def load_flux(path: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-              axes_dim: tuple[int, ...] | None = None) -> Flux:
-    """The FLUX transformer from a BFL single file (flux1-dev.safetensors; config inferred from the keys), a diffusers
-    transformer folder (config.json + sharded safetensors), or a diffusers pipeline folder (its transformer/)."""
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
-        config = flux_config_from_diffusers(read_config(path))
-        sd = flux_diffusers_to_bfl(read_safetensors(path))
-    else:
-        sd = read_safetensors(path)
-        if any(k.startswith("model.diffusion_model.") for k in sd):  # ComfyUI-style prefix
-            sd = strip_prefix(sd, "model.diffusion_model.")
-        if "x_embedder.weight" in sd:  # a diffusers transformer saved as one file
-            sd = flux_diffusers_to_bfl(sd)
-        try:
-            config = FluxConfig.from_bfl_keys(sd, axes_dim=axes_dim)
-        except ValueError as e:
-            raise WeightsError(f"{path}: {e}") from None
-    return build_and_load(lambda: Flux(config), sd, f"FLUX transformer {path}", dtype=dtype, device=device)
-
-
-def _load_text_encoder(folder: str, dtype: torch.dtype | None, device) -> nn.Module:
-    """CLIPTextModel or T5EncoderModel, chosen by the folder's config.json model_type; strict (no fresh weights)."""
-    import transformers
-    classes = {"clip_text_model": transformers.CLIPTextModel, "t5": transformers.T5EncoderModel}
-    model_type = read_config(folder).get("model_type")
-    if model_type not in classes:
-        raise WeightsError(f"{folder}: text encoder model_type {model_type!r} is not one of {sorted(classes)}")
-    model, info = classes[model_type].from_pretrained(folder, dtype=dtype or torch.float32, output_loading_info=True)
-    missing = [k for k in info["missing_keys"] if "position_ids" not in k]
-    if missing or info.get("mismatched_keys"):
-        raise WeightsError(f"{folder}: text encoder weights do not match: missing {_listing(sorted(missing))}, "
-                           f"mis-shaped {_listing([str(m) for m in info.get('mismatched_keys', [])])}")
-    return model.to(device).eval().requires_grad_(False)
-
-
-@dataclass
-class FluxPipe:
-    """A whole FLUX model from a diffusers folder: transformer, VAE, CLIP-L (pooled y) and T5 (txt), tokenizers."""
-    transformer: Flux
-    vae: nn.Module
-    clip: nn.Module
-    clip_tokenizer: object
-    t5: nn.Module  # T5EncoderModel (or a small CLIPTextModel standing in for it in toy folders)
-    t5_tokenizer: object
-    shift: bool  # dynamic schedule shift (dev) or plain linspace (schnell), from scheduler_config.json
-    max_length: int = 512  # T5 tokens
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (txt (B, L, context_in_dim) T5 last hidden state, y (B, vec_in_dim) CLIP pooled output)."""
-        device = next(self.clip.parameters()).device
-        ids = self.clip_tokenizer(prompts, padding="max_length", max_length=self.clip_tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids
-        y = self.clip(ids.to(device)).pooler_output
-        # a CLIP standing in for T5 has learned positions: never ask for more tokens than it has
-        max_length = min(self.max_length, getattr(self.t5.config, "max_position_embeddings", self.max_length))
-        ids = self.t5_tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                                return_tensors="pt").input_ids
-        txt = self.t5(ids.to(next(self.t5.parameters()).device)).last_hidden_state
-        return txt, y
-
-
-def load_flux_pipeline(folder: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                       max_length: int = 512, transformer: str | None = None) -> FluxPipe:
-    """A diffusers FLUX folder: transformer/, vae/, text_encoder/ + tokenizer/ (CLIP-L), text_encoder_2/ +
-    tokenizer_2/ (T5-XXL), scheduler/. The VAE may have 16 (FLUX) or 4 (SD layout, toy folders) latent channels.
-    `transformer`: a single file (BFL flux1-dev.safetensors) used instead of the folder's transformer/."""
-    from transformers import AutoTokenizer
-    if not os.path.isdir(folder):
-        raise WeightsError(f"no such FLUX pipeline folder: {folder}")
-    for sub in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
-        if not os.path.isdir(os.path.join(folder, sub)) and not (sub == "transformer" and transformer):
-            raise WeightsError(f"{folder} is not a diffusers FLUX folder: no {sub}/")
-    model = load_flux(transformer or os.path.join(folder, "transformer"), dtype=dtype, device=device)
-    sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    shift = model.config.guidance_embed
-    if os.path.isfile(sched):
-        with open(sched) as f:
-            shift = bool(json.load(f).get("use_dynamic_shifting", shift))
-    return FluxPipe(
-        transformer=model, vae=load_vae(os.path.join(folder, "vae"), dtype=dtype, device=device),
-        clip=_load_text_encoder(os.path.join(folder, "text_encoder"), dtype, device),
-        clip_tokenizer=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer")),
-        t5=_load_text_encoder(os.path.join(folder, "text_encoder_2"), dtype, device),
-        t5_tokenizer=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer_2")),
-        shift=shift, max_length=max_length)
+        return cls.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise WeightsError(f"{folder}: not a readable {kind.upper()} tokenizer: {e}") from None

@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import weights  # noqa: E402
+import weights_flux  # noqa: E402
 from flux import Flux  # noqa: E402
 from sampler import image_ids  # noqa: E402
 
@@ -93,10 +93,10 @@ def main():
     with torch.no_grad():
         for t in ref.parameters():
             t.normal_(0, 0.02)
-    config = weights.flux_config_from_diffusers(dict(ref.config))
+    config = weights_flux.flux_config_from_diffusers(dict(ref.config))
     with torch.device("meta"):
         ours = Flux(config)
-    ours.load_state_dict(weights.flux_diffusers_to_bfl(ref.state_dict()), strict=True, assign=True)
+    ours.load_state_dict(weights_flux.flux_diffusers_to_bfl(ref.state_dict()), strict=True, assign=True)
     ours.eval().requires_grad_(False)
     n = sum(t.numel() for t in ours.parameters())
     print(f"FLUX width {config.hidden_size}, {config.num_heads} heads, {args.double} double + {args.single} single "

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hyperalign as H  # noqa: E402
+from backbone import Backbone  # noqa: E402
 import sampler  # noqa: E402
 from unet import make_unet  # noqa: E402
 
@@ -57,7 +58,7 @@ def build(preset: str, device: str, dtype: torch.dtype, rank: int | None) -> H.H
         torch.nn.init.normal_(p, std=0.02)
     unet = unet.to(dtype).eval().requires_grad_(False)
     cfg = H.HyperConfig.preset("toy-sd" if preset == "toy-sd" else "sd15", **({"rank": rank} if rank else {}))
-    ha = H.HyperAlign(cfg, H.Backbone("vp", unet, sampler.VPSchedule.from_config(None))).to(device)
+    ha = H.HyperAlign(cfg, Backbone("vp", unet, sampler.VPSchedule.from_config(None))).to(device)
     with torch.no_grad():                                   # a non-zero LoRA, as after training
         for b in ha.hypernet.b_aux:
             b.normal_(std=1e-3)
@@ -69,9 +70,8 @@ def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device:
     C, E = unet.config.in_channels, unet.config.cross_attention_dim
     cond, uncond = torch.randn(n, 77, E, device=device, dtype=dtype), torch.zeros(n, 77, E, device=device, dtype=dtype)
     x_T = torch.randn(n, C, latent, latent, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    ts = sched.timesteps(steps).tolist()
-    ha.cfg.key_times = tuple(float(ts[i]) for i in H.key_steps(torch.randn(steps, 1, 8).cumsum(0), 3))
-    models = {"base": lambda: (lambda x, t, c: unet(x, t, c)), **{v: (lambda v=v: ha.sampler_model(cond, v))
+    ha.cfg.key_steps, ha.cfg.key_of = tuple(H.key_steps(torch.randn(steps, 1, 8).cumsum(0), 3)), steps
+    models = {"base": lambda: (lambda x, t, c: unet(x, t, c)), **{v: (lambda v=v: ha.sampler_model(cond, steps, v))
                                                                    for v in ("I", "P", "S")}}
     times = {k: [] for k in models}
     with torch.no_grad():

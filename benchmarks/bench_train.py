@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hyperalign as H  # noqa: E402
+from backbone import Backbone  # noqa: E402
 import sampler  # noqa: E402
 from flux import Flux, FluxConfig  # noqa: E402
 from unet import make_unet  # noqa: E402
@@ -93,7 +94,7 @@ def build_sd(size: int, device, dtype):
     with torch.device("meta"):
         unet, vae = make_unet("sd15"), make_vae("sd")
     unet, vae = randomise(unet, device, dtype), randomise(vae, device, dtype)
-    backbone = H.Backbone("vp", unet, sampler.VPSchedule.from_config(None))
+    backbone = Backbone("vp", unet, sampler.VPSchedule.from_config(None))
     lat = size // 8
     x_t = torch.randn(1, 4, lat, lat).to(device)                                    # (B, C, h, w)
     cond = torch.randn(1, 77, 768).to(device)                                       # CLIP-L hidden states
@@ -102,7 +103,7 @@ def build_sd(size: int, device, dtype):
 
     def model_step(ha, factors):                                                    # CFG, the sample's LoRA
         x2, t2, c2 = torch.cat([x_t, x_t]), t.repeat(2), torch.cat([uncond, cond])
-        u, c = ha.predict(factors, x2, t2, c2).chunk(2)
+        u, c = ha.backbone.forward(ha.merged(factors), x2, t2, c2).chunk(2)
         return u + 7.5 * (c - u)
 
     return dict(backbone=backbone, vae=vae, preset="sd15", x_t=x_t, t=t, cond=cond, model_step=model_step,
@@ -114,7 +115,7 @@ def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dty
     with torch.device("meta"):
         model, vae = Flux(cfg), make_vae("flux")
     model, vae = randomise(model, device, dtype), randomise(vae, device, dtype)
-    backbone = H.Backbone("flow", model)
+    backbone = Backbone("flow", model)
     h = w = size // 8                                                               # latent (16, h, w)
     x_t = sampler.pack(torch.randn(1, 16, h, w)).to(device)                         # (B, h w / 4, 64)
     cond = sampler.flux_cond(torch.randn(1, txt_tokens, 4096).to(device), torch.randn(1, 768).to(device),
@@ -124,7 +125,7 @@ def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dty
         full = n_params(Flux(FluxConfig()))
 
     return dict(backbone=backbone, vae=vae, preset="flux-dev", x_t=x_t, t=t, cond=cond,
-                model_step=lambda ha, factors: ha.predict(factors, x_t, t, cond),
+                model_step=lambda ha, factors: ha.backbone.forward(ha.merged(factors), x_t, t, cond),
                 decode=lambda x0: vae.decode(sampler.unpack(x0, h, w).to(dtype)),
                 extra={"blocks": f"{double} double + {single} single of 19 + 38", "img_tokens": x_t.shape[1],
                        "txt_tokens": txt_tokens, "model_rows": 1, "full_model_params_M": round(full / 1e6),

@@ -1,10 +1,13 @@
-"""analysis.py on tiny random models: the curvature numbers match hyperalign.key_steps' rule and are deterministic;
-LoRA dynamics and PCA have the right shapes, are deterministic, and the figures are written as PNG files."""
+"""diagnostics.py and analysis.py: adaptivity and PCA on known inputs; the curvature numbers follow hyperalign's key-step
+rule; LoRA dynamics and PCA of a hypernetwork have the right shapes, are deterministic, and the figures are PNGs."""
+import pytest
 import torch
+from tiny import make_ha, tiny_pipe
 
 import analysis as A
+import diagnostics as D
 import hyperalign as H
-from test_hyperalign import make_ha, tiny_pipe
+import methods
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
@@ -20,9 +23,44 @@ def trained_like(pipe, variant="S"):
     return ha
 
 
+def test_adaptivity_on_known_inputs():
+    v = torch.randn(10)
+    assert D.adaptivity(v.expand(4, 10)) == pytest.approx(0.0, abs=1e-12)          # one LoRA for all: static
+    assert D.adaptivity(torch.stack([v, -v])) == pytest.approx(1.0)                 # averages out: all adaptation
+    e = torch.eye(4)                                                                # shared part + orthogonal parts
+    d = torch.stack([e[0] + e[i] for i in (1, 2, 3)])                               # |shared|² = 1, |own|² = 1
+    assert D.adaptivity(d) == pytest.approx((2 / 3) / 2)                            # between-input share of E|Δθ|²
+    assert D.adaptivity(torch.zeros(3, 5)) == 0.0
+
+
+def test_pca_recovers_known_components():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.zeros(50), torch.zeros(50)
+    a[0], b[1] = 1.0, 1.0
+    c = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(c - c.mean(0))                        # centred, orthonormal columns
+    c = q * torch.tensor([3.0, 1.0], dtype=torch.float64)        # variances 9 : 1 along a and b
+    d = c[:, :1] * a + c[:, 1:] * b + 5.0                        # an offset PCA must remove
+    xy, explained = D.pca(d)
+    assert torch.allclose(explained, torch.tensor([0.9, 0.1]), atol=1e-6)
+    assert torch.allclose(xy[:, 0].double().abs(), c[:, 0].abs(), atol=1e-5) and xy[0, 0] >= 0
+
+
+def test_static_lora_has_adaptivity_zero_and_hyperalign_more():
+    pipe = tiny_pipe("vp", steps=3)
+    sl = methods.StaticLoRA(H.HyperConfig.preset("toy-sd"), pipe.backbone)
+    with torch.no_grad():
+        for b in sl.B:
+            b.normal_(0, 0.05)
+    assert D.at_x_T(sl, pipe, PROMPTS, [0, 1])["adaptivity"] == pytest.approx(0.0, abs=1e-12)
+    ha = trained_like(pipe)
+    at = D.at_x_T(ha, pipe, PROMPTS, [0, 1])
+    assert 0 < at["adaptivity"] < 1 and 0 <= at["adaptivity_prompts"] <= at["adaptivity"] + 1e-12
+
+
 def test_curvature_numbers_follow_the_key_step_rule_and_are_deterministic():
     x0 = torch.randn(6, 2, 4, 3, 3)
-    delta, kappa = A.one_step_curvature(x0)
+    delta, kappa = H.curvature(x0)
     assert delta.shape == (5, 2) and kappa.shape == (4, 2)
     manual = (x0[3, 1] - x0[2, 1]).norm() / x0[2, 1].norm()
     assert torch.allclose(delta[2, 1], manual.double())
@@ -31,20 +69,21 @@ def test_curvature_numbers_follow_the_key_step_rule_and_are_deterministic():
     pipe = tiny_pipe("vp", steps=5)
     c1, c2 = A.curvature_data(pipe, PROMPTS, k=2), A.curvature_data(pipe, PROMPTS, k=2)
     assert torch.equal(c1["delta"], c2["delta"]) and c1["key_steps"] == c2["key_steps"]
-    assert c1["delta"].shape == (4, 3) and c1["key_steps"][0] == 0 and len(c1["key_steps"]) <= 3
+    assert c1["delta"].shape == (4, 3) and c1["key_steps"][0] == 0 and len(c1["key_steps"]) == 3
 
 
 def test_lora_dynamics_and_pca_shapes_determinism_and_pngs(tmp_path):
     pipe = tiny_pipe("vp", steps=4)
     ha = trained_like(pipe)
-    d1, d2 = A.lora_dynamics(ha, pipe, PROMPTS), A.lora_dynamics(ha, pipe, PROMPTS)
+    d1, d2 = D.along_trajectory(ha, pipe, PROMPTS), D.along_trajectory(ha, pipe, PROMPTS)
     assert d1["cos_first"].shape == (4, 3) and d1["change"].shape == (3, 3)
     assert torch.equal(d1["cos_first"], d2["cos_first"])
     assert torch.allclose(d1["cos_first"][0], torch.ones(3, dtype=torch.float64))   # Δθ_first vs itself
     assert (d1["change"] > 0).all()                                                 # S makes new weights each step
-    p1, p2 = A.lora_pca(ha, pipe, PROMPTS, [0, 1]), A.lora_pca(ha, pipe, PROMPTS, [0, 1])
+    p1, p2 = D.at_x_T(ha, pipe, PROMPTS, [0, 1]), D.at_x_T(ha, pipe, PROMPTS, [0, 1])
     assert p1["xy"].shape == (6, 2) and p1["labels"].tolist() == [0, 1, 2, 0, 1, 2]
-    assert torch.equal(p1["xy"], p2["xy"]) and 0 < p1["explained"].sum() <= 1 + 1e-6
+    assert torch.equal(p1["xy"], p2["xy"])
+    assert torch.allclose(p1["explained"], D.pca(p1["delta"])[1])
     A.plot_curvature(A.curvature_data(pipe, PROMPTS), str(tmp_path / "c.png"))
     A.plot_dynamics(d1, str(tmp_path / "d.png"))
     A.plot_pca(p1, PROMPTS, str(tmp_path / "p.png"))

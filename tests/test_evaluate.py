@@ -5,9 +5,9 @@ import argparse
 import pytest
 import torch
 
-import baselines as BL
+from tiny import pref_pairs, redness, tiny_pipe
+
 import evaluate as E
-from test_hyperalign import pref_pairs, redness, tiny_pipe
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
@@ -29,7 +29,7 @@ def test_diversity_is_zero_for_identical_seeds_and_one_for_orthogonal():
 
 def test_measure_is_deterministic_and_fills_every_column():
     pipe = tiny_pipe("vp", steps=2)
-    gen = E.sample_with(pipe, lambda c: BL.base_model(pipe))
+    gen = E.sample_with(pipe, lambda c: pipe.backbone)
     embed = lambda im: torch.nn.functional.normalize(im.flatten(1), dim=-1)  # noqa: E731
     m1, im1 = E.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
     m2, im2 = E.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
@@ -45,11 +45,10 @@ def test_all_rows_train_and_evaluate_on_a_tiny_pipeline(kind, tmp_path):
     pipe = tiny_pipe(kind, steps=2)
     a = argparse.Namespace(variants=["I", "P"], train_steps=1, batch_size=2, lr=1e-2, seed=0, bon=2, rho=[1.0])
     preset = "toy-sd" if kind == "vp" else "toy-flux"
-    rows = E.method_rows(pipe, preset, str(tmp_path), a, redness, PROMPTS, pref_pairs(), ablation=kind == "vp",
-                         da_reward=redness)
+    rows = E.method_rows(pipe, preset, str(tmp_path), a, redness, pref_pairs(), ablation=kind == "vp")
     names = [r[0] for r in rows]
     expect = ["base", "HyperAlign-I", "HyperAlign-P", "static LoRA", "Best-of-2", "guidance ρ=1"]
-    expect += ["Direct-Align", "Direct-Align + SRPO reward"] if kind == "flow" else ["ablation: L_R only", "ablation: L_G only"]
+    expect += ["Direct-Align + SRPO reward"] if kind == "flow" else ["ablation: L_R only", "ablation: L_G only"]
     assert names == expect
     out = E.evaluate_rows(rows, pipe, PROMPTS[:2], [0], redness, None, None)
     by = {r["method"]: r for r in out}
@@ -58,8 +57,7 @@ def test_all_rows_train_and_evaluate_on_a_tiny_pipeline(kind, tmp_path):
     assert by["guidance ρ=1"]["reward/reward"] > by["base"]["reward/reward"]
     md = E.markdown("tiny", out)
     assert md.count("\n|") == len(out) + 2 and "× base" in md
-    reused = E.method_rows(pipe, preset, str(tmp_path), a, redness, PROMPTS, pref_pairs(), ablation=False,
-                           da_reward=redness)                           # second call loads the saved runs
+    reused = E.method_rows(pipe, preset, str(tmp_path), a, redness, pref_pairs(), ablation=False)  # loads saved runs
     assert [r[0] for r in reused][:4] == expect[:4]
 
 

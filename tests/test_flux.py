@@ -4,7 +4,7 @@ import torch
 from conftest import rel_err
 from diffusers import FluxTransformer2DModel
 
-import weights
+import weights_flux
 from flux import Flux, FluxConfig
 from sampler import image_ids
 
@@ -49,7 +49,7 @@ def test_parity_with_diffusers_folder(name, tmp_path):
     ref = tiny_diffusers_flux(**TINY[name])
     ref.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index file, as published
     assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").exists()
-    ours = weights.load_flux(str(tmp_path))
+    ours = weights_flux.load_flux(str(tmp_path))
     assert ours.config.guidance_embed == ref.config.guidance_embeds
     args = flux_inputs(ref)
     with torch.no_grad():
@@ -93,10 +93,10 @@ def test_full_config_keys_and_shapes_match_diffusers(preset):
     """The published configurations, on meta: our state dict == diffusers' converted by the rules, key and shape."""
     with torch.device("meta"):
         ref = FluxTransformer2DModel(guidance_embeds=preset == "flux-dev")
-        config = weights.flux_config_from_diffusers(dict(ref.config))
+        config = weights_flux.flux_config_from_diffusers(dict(ref.config))
         ours = Flux(config)
     assert config == FluxConfig.preset(preset)
-    converted = {k: tuple(v.shape) for k, v in weights.flux_diffusers_to_bfl(ref.state_dict()).items()}
+    converted = {k: tuple(v.shape) for k, v in weights_flux.flux_diffusers_to_bfl(ref.state_dict()).items()}
     assert converted == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert FluxConfig.from_bfl_keys(ours.state_dict()) == config
     n = sum(p.numel() for p in ours.parameters())
@@ -109,7 +109,7 @@ def test_bf16_matches_diffusers_in_bf16(tmp_path):
     x1000 of the time embedding, as BFL does, which moves the sinusoid by up to ~1 rad."""
     ref = tiny_diffusers_flux(**TINY["guidance-2heads"])
     ref.save_pretrained(tmp_path)
-    ours = weights.load_flux(str(tmp_path), dtype=torch.bfloat16)
+    ours = weights_flux.load_flux(str(tmp_path), dtype=torch.bfloat16)
     assert ours.img_in.weight.dtype == torch.bfloat16
     img, img_ids, txt, txt_ids, t, y, g = flux_inputs(ref)
     args = (img.bfloat16(), img_ids, txt.bfloat16(), txt_ids, t.bfloat16(), y.bfloat16(), g.bfloat16())

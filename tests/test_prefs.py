@@ -144,19 +144,23 @@ def test_pref_batches(folder):
 
 
 def test_excluding_drops_evaluation_prompts_and_an_emptied_set_stops_training(folder):
-    import train
+    from prefs import stream
     reader = Excluding(JSONLPrefs(str(folder / "pairs.jsonl"), on_error="skip"), [" z "])
     assert [p.prompt for p in reader] == ["x"] and reader.excluded == 1
     assert [p.prompt for p in reader] == ["x"] and reader.excluded == 1  # counts are per pass
     empty = Excluding(JSONLPrefs(str(folder / "pairs.jsonl"), on_error="skip"), ["x", "z"])
     with pytest.raises(ValueError, match="fewer pairs than one batch of 1"):  # not an endless loop
-        next(train.pref_stream(empty, 1, 8, 0))
+        next(stream(empty, 1, 8, 0))
 
 
 def test_toy_l_g_data_holds_no_prompt_the_hypernetwork_is_scored_on():
-    import toy
-    reader = toy.training_prefs()
-    scored = set(toy.prompts("unseen")) | set(toy.prompts("heldout"))
+    import config
+    from toy import world
+    cfg = config.RunConfig()
+    train, sets = config.read_prompts(cfg.prompts), config.eval_sets(cfg)
+    reader = config.load_prefs(cfg, train, [p for ps in sets.values() for p in ps])
+    scored = set(world.prompts("unseen")) | set(world.prompts("heldout"))
+    assert set(sets) == {"unseen", "heldout"} and set(sets["unseen"]) | set(sets["heldout"]) == scored
     seen = {p.prompt for p in reader}
-    assert not seen & scored and seen <= set(toy.prompts("hyper-train"))
-    assert reader.excluded > 0  # the shipped pairs cover the 'unseen' prompts: they are dropped
+    assert not seen & scored and seen <= set(world.prompts("hyper-train"))
+    assert reader.excluded == 1190  # the shipped pairs cover the 'unseen' prompts: their 1190 pairs are dropped

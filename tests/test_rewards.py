@@ -20,6 +20,7 @@ from conftest import rel_err
 import rewards
 from rewards import (REWARDS, AestheticMLP, CLIPReward, RelativeReward, WeightedSum, clip_preprocess, load_aesthetic,
                      load_clip_score, load_hps, load_pickscore, parse_reward_spec)
+import weights
 from weights import WeightsError
 
 D, HEADS, LAYERS, PATCH, IMG, CTX, EMBED = 32, 2, 2, 8, 32, 12, 16
@@ -174,8 +175,8 @@ def reference_clip(clip, images, prompts, tok):
     """transformers' own path: get_image_features / get_text_features on the same preprocessed pixels."""
     with torch.no_grad():
         ids = tok(prompts, padding="max_length", max_length=CTX, truncation=True, return_tensors="pt").input_ids
-        f_img = rewards._pooled(clip.get_image_features(pixel_values=clip_preprocess(images, IMG)))
-        f_txt = rewards._pooled(clip.get_text_features(input_ids=ids))
+        f_img = rewards.pooled(clip.get_image_features(pixel_values=clip_preprocess(images, IMG)))
+        f_txt = rewards.pooled(clip.get_text_features(input_ids=ids))
     return F.normalize(f_img, dim=-1), F.normalize(f_txt, dim=-1)
 
 
@@ -204,6 +205,8 @@ def test_aesthetic_equals_transformers_plus_mlp(files):
 
 
 def test_relative_reward_formula(files):
+    """SRPO's f_img · ((1+k) f_txt(p+) − f_txt(p−)) for a CLIP reward (the one-image-pass fast path), equal to the
+    generic (1+k) r(p+) − r(p−) every other reward gets."""
     pick = load_pickscore(str(files["root"] / "clip"))
     rel = RelativeReward(pick, positive="good.", negative="bad.", k=0.5)
     images = torch.rand(2, 3, 32, 32)
@@ -211,6 +214,8 @@ def test_relative_reward_formula(files):
     _, f_neg = reference_clip(files["clip"], images, [f"bad. {p}" for p in PROMPTS], pick.tokenizer)
     ref = files["clip"].logit_scale.exp() * (f_img * (1.5 * f_pos - f_neg)).sum(-1)
     assert rel_err(rel(images, PROMPTS), ref) < 1e-4
+    generic = 1.5 * pick(images, [f"good. {p}" for p in PROMPTS]) - pick(images, [f"bad. {p}" for p in PROMPTS])
+    assert rel_err(rel(images, PROMPTS), generic) < 1e-5
 
 
 def test_gradients_reach_images_only(files):
@@ -242,8 +247,8 @@ def test_parse_reward_spec(files, monkeypatch):
         parse_reward_spec("hsp:x.pt")
     with pytest.raises(ValueError, match="weight 'abc'"):
         parse_reward_spec(f"pick:{root / 'clip'}=abc")
-    with pytest.raises(ValueError, match="'rel-' needs a CLIP-style reward"):
-        parse_reward_spec("rel-const:1")
+    rel_const = parse_reward_spec("rel-const:2").rewards["rel-const"]          # any reward: (1 + k) r(p+) - r(p-)
+    assert isinstance(rel_const, RelativeReward) and torch.equal(rel_const(images, PROMPTS), torch.full((2,), 2.0))
     with pytest.raises(WeightsError, match="no config.json"):
         parse_reward_spec(f"pick:{root}")
 
@@ -282,7 +287,7 @@ def test_hps_full_vit_h14_layout_converts_strictly():
                        p + "mlp.c_proj.weight": torch.empty(w, 4 * w), p + "mlp.c_proj.bias": torch.empty(w)}
         config = rewards.hps_config(sd)
         model = CLIPModel(config)
-    rewards.check_state_dict(model, rewards.hps_to_transformers(sd), "ViT-H-14")
+    weights.check_state_dict(model, rewards.hps_to_transformers(sd), "ViT-H-14")
     v, t = config.vision_config, config.text_config
     assert (v.image_size, v.patch_size, v.num_hidden_layers, v.hidden_size // v.num_attention_heads) == (224, 14, 32, 80)
     assert (t.num_hidden_layers, t.hidden_size // t.num_attention_heads, config.projection_dim) == (24, 64, 1024)

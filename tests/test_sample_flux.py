@@ -8,8 +8,9 @@ from conftest import rel_err
 from test_flux import tiny_diffusers_flux
 from test_sampler_flow import DEV, SCHNELL
 
-import weights
-from sampler import flow_sample, flux_cond, flux_model_fn, image_ids, pack, unpack
+import pipeline
+import weights_flux
+from sampler import image_ids, pack
 
 
 def tiny_clip_tokenizer(folder):
@@ -62,14 +63,14 @@ def test_sampling_matches_flux_pipeline(variant, tmp_path):
                       max_sequence_length=16, latents=x_T, output_type="pt").images
         ref_txt, ref_y, _ = ref.encode_prompt(prompts, prompt_2=None, max_sequence_length=16)
 
-    pipe = weights.load_flux_pipeline(str(tmp_path), max_length=16)
+    pipe = pipeline.load(str(tmp_path), max_length=16, height=H, width=W, steps=steps, guidance=guidance)
     assert pipe.shift == (variant == "dev")
-    txt, y = pipe.encode(prompts)
+    txt, y = pipe.text(prompts)
     assert rel_err(txt, ref_txt) < 1e-6 and rel_err(y, ref_y) < 1e-6
-    cond = flux_cond(txt, y, image_ids(B, h, w), guidance if variant == "dev" else None)
-    with torch.no_grad():
-        x_0 = flow_sample(flux_model_fn(pipe.transformer), x_T, cond, steps=steps, shift=pipe.shift)
-        img = (pipe.vae.decode(unpack(x_0, h, w)) / 2 + 0.5).clamp(0, 1)
+    cond, uncond = pipe.conds(prompts)
+    assert uncond is None and torch.equal(cond["img_ids"], image_ids(B, h, w)) and \
+        (cond.get("guidance") is not None) == (variant == "dev")
+    img = pipe.decode(pipe.rollout(pipe.backbone, x_T, cond, trajectory=False))
     err = rel_err(img, ref_img)
     print(f"{variant}: images rel err {err:.2e}")
     assert err < 1e-4
@@ -87,7 +88,7 @@ def flux_folder(tmp_path_factory):
         torch.manual_seed(0)
         ref = tiny_flux_pipeline(folder, guidance=True, num_attention_heads=1, attention_head_dim=128,
                                  axes_dims_rope=(16, 56, 56))
-    save_file(weights.flux_diffusers_to_bfl(ref.transformer.state_dict()), str(folder / "flux1-tiny.safetensors"))
+    save_file(weights_flux.flux_diffusers_to_bfl(ref.transformer.state_dict()), str(folder / "flux1-tiny.safetensors"))
     return folder, ref
 
 
@@ -117,12 +118,14 @@ def test_cli_matches_flux_pipeline_from_folder_and_bfl_file(flux_folder, tmp_pat
     (["--negative-prompt", "blurry"], "--negative-prompt and --eta do not apply"),
     (["--model", "FILE"], "holds only the FLUX transformer: pass --components"),
     (["--model", "FILE", "--components", "nowhere"], "no such FLUX pipeline folder: nowhere"),
-    (["--arch", "flux", "--model", "EMPTY"], "not a diffusers FLUX folder: no transformer/"),
+    (["--model", "EMPTY"], "not a diffusers pipeline folder (no model_index.json)"),
 ])
 def test_cli_bad_input_exits_2(flux_folder, tmp_path, capsys, extra, message):
     import sample
     folder, _ = flux_folder
-    extra = [a.replace("FILE", str(folder / "flux1-tiny.safetensors")).replace("EMPTY", str(tmp_path)) for a in extra]
+    extra = [a.replace("FILE", str(folder / "flux1-tiny.safetensors")).replace("EMPTY", str(tmp_path / "e"))
+             for a in extra]
+    (tmp_path / "e").mkdir()
     argv = ["--model", str(folder), "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", *extra,
             "--out", str(tmp_path / "x.png")]
     assert sample.main(argv) == 2

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from sd_tiny import write_pipeline
 
+import pipeline
 import sample
 import weights
 
@@ -45,18 +46,18 @@ def test_single_file_pipeline_equals_folder(tiny_sd, tmp_path):
     sd.update({"first_stage_model." + k: v.contiguous() for k, v in diffusers_vae_to_ldm(pipe.vae.state_dict(), 2).items()})
     sd.update({"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()})
     save_file(sd, str(tmp_path / "tiny.safetensors"))
-    ours = weights.load_sd(str(tmp_path / "tiny.safetensors"), tokenizer=str(folder / "tokenizer"),
-                           config=weights.load_unet(str(folder)).config, vae_config=weights.load_vae(str(folder)).config)
-    ref = weights.load_sd(str(folder))
-    a = sample.sample_sd(ours, "a cat", steps=3, height=16, width=16, progress=False)
-    b = sample.sample_sd(ref, "a cat", steps=3, height=16, width=16, progress=False)
-    assert np.array_equal(a, b)
+    ours = pipeline.load(str(tmp_path / "tiny.safetensors"), tokenizer=str(folder / "tokenizer"), steps=3, height=16,
+                         unet_config=weights.load_unet(str(folder)).config,
+                         vae_config=weights.load_vae(str(folder)).config)
+    ref = pipeline.load(str(folder), steps=3, height=16)
+    x_T = ref.noise(1, torch.Generator().manual_seed(0))
+    assert torch.equal(ours.generate(["a cat"], x_T), ref.generate(["a cat"], x_T))
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_sd):
-    pipe = weights.load_sd(str(tiny_sd[1]))
+    pipe = pipeline.load(str(tiny_sd[1]))
     with pytest.warns(UserWarning, match="truncated to 77 tokens"):
-        context = pipe.encode_prompt(["the cat " * 60])
+        context = pipe.text(["the cat " * 60])
     assert context.shape == (1, 77, 64)
 
 

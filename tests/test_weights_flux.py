@@ -1,4 +1,4 @@
-"""weights.py FLUX section: BFL single files, diffusers folders, text encoders, and clear errors on bad input."""
+"""weights_flux.py: BFL single files, diffusers folders; text encoders; clear errors on bad input."""
 import json
 
 import pytest
@@ -9,7 +9,9 @@ from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpo
 from safetensors.torch import save_file
 from test_flux import diffusers_v, flux_inputs, tiny_diffusers_flux
 
+import pipeline
 import weights
+import weights_flux
 from flux import Flux, FluxConfig
 from weights import WeightsError
 
@@ -32,7 +34,7 @@ def test_bfl_single_file_rules_invert_diffusers_converter(tmp_path):
         ref = FluxTransformer2DModel(in_channels=16, joint_attention_dim=24, pooled_projection_dim=20, num_layers=1,
                                      num_single_layers=1, guidance_embeds=True)
     sd = {k: _cheap_random(tuple(v.shape)) for k, v in ref.state_dict().items()}
-    bfl = weights.flux_diffusers_to_bfl(sd)
+    bfl = weights_flux.flux_diffusers_to_bfl(sd)
     assert "final_layer.adaLN_modulation.1.weight" in bfl and "single_blocks.0.linear1.weight" in bfl
     back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
     assert back.keys() == sd.keys()
@@ -46,7 +48,7 @@ def test_bfl_single_file_rules_invert_diffusers_converter(tmp_path):
     with torch.no_grad():
         v_ref = diffusers_v(ref, *args)
     del ref
-    ours = weights.load_flux(str(path))  # fp32
+    ours = weights_flux.load_flux(str(path))  # fp32
     assert (ours.config.hidden_size, ours.config.num_heads, ours.config.depth, ours.config.depth_single_blocks,
             ours.config.guidance_embed, ours.config.in_channels) == (3072, 24, 1, 1, True, 16)
     with torch.no_grad():
@@ -61,8 +63,8 @@ def test_tiny_bfl_file_with_prefix_and_axes_dim(tmp_path):
     path = str(tmp_path / "tiny.safetensors")
     save_file({f"model.diffusion_model.{k}": v for k, v in model.state_dict().items()}, path)
     with pytest.raises(WeightsError, match="head dim 16 .* pass axes_dim"):
-        weights.load_flux(path)
-    loaded = weights.load_flux(path, axes_dim=(4, 6, 6), dtype=torch.bfloat16)
+        weights_flux.load_flux(path)
+    loaded = weights_flux.load_flux(path, axes_dim=(4, 6, 6), dtype=torch.bfloat16)
     assert loaded.config == FluxConfig.preset("flux-tiny-schnell")
     assert loaded.img_in.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.img_in.weight, model.img_in.weight.bfloat16())
@@ -77,7 +79,7 @@ def test_text_encoders_chosen_by_model_type(tmp_path):
     ids = torch.randint(0, 50, (2, 7))
     for name, model in (("t5", t5), ("clip", clip)):
         model.save_pretrained(tmp_path / name)
-        loaded = weights._load_text_encoder(str(tmp_path / name), None, None)
+        loaded = weights.load_text_encoder(str(tmp_path / name))
         assert type(loaded) is type(model)
         with torch.no_grad():
             assert torch.equal(loaded(ids).last_hidden_state, model(ids).last_hidden_state)
@@ -85,10 +87,10 @@ def test_text_encoders_chosen_by_model_type(tmp_path):
     sd.pop(next(k for k in sd if k.endswith("final_layer_norm.weight")))
     save_file(sd, str(tmp_path / "clip" / "model.safetensors"))
     with pytest.raises(WeightsError, match=r"missing 1 \(\S*final_layer_norm.weight\)"):
-        weights._load_text_encoder(str(tmp_path / "clip"), None, None)
+        weights.load_text_encoder(str(tmp_path / "clip"))
     (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(WeightsError, match="model_type 'bert'"):
-        weights._load_text_encoder(str(tmp_path / "t5"), None, None)
+        weights.load_text_encoder(str(tmp_path / "t5"))
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
@@ -109,27 +111,30 @@ def _rewrite(folder, edit):
 
 def test_bad_paths_and_files(tmp_path):
     with pytest.raises(WeightsError, match="no such file or folder"):
-        weights.load_flux(str(tmp_path / "nope.safetensors"))
+        weights_flux.load_flux(str(tmp_path / "nope.safetensors"))
     (tmp_path / "flux.ckpt").write_bytes(b"pickle")
     with pytest.raises(WeightsError, match="only .safetensors"):
-        weights.load_flux(str(tmp_path / "flux.ckpt"))
+        weights_flux.load_flux(str(tmp_path / "flux.ckpt"))
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(WeightsError, match="not a readable safetensors"):
-        weights.load_flux(str(tmp_path / "broken.safetensors"))
+        weights_flux.load_flux(str(tmp_path / "broken.safetensors"))
     save_file({"conv_in.weight": torch.zeros(4, 4, 3, 3)}, str(tmp_path / "unet.safetensors"))
     with pytest.raises(WeightsError, match="not a FLUX .* 'img_in.weight' is missing"):
-        weights.load_flux(str(tmp_path / "unet.safetensors"))
-    with pytest.raises(WeightsError, match="no such FLUX pipeline folder"):
-        weights.load_flux_pipeline(str(tmp_path / "nowhere"))
+        weights_flux.load_flux(str(tmp_path / "unet.safetensors"))
+    with pytest.raises(WeightsError, match="no such file or folder"):
+        pipeline.load(str(tmp_path / "nowhere"))
+    with pytest.raises(WeightsError, match="not a diffusers pipeline folder"):
+        pipeline.load(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(WeightsError, match="not a diffusers FLUX folder: no transformer/"):
-        weights.load_flux_pipeline(str(tmp_path))
+        pipeline.load(str(tmp_path))
 
 
 def test_missing_unexpected_misshaped_keys(tiny_folder):
     _rewrite(tiny_folder, lambda sd: (sd.pop("proj_out.bias"), sd.update(extra=torch.zeros(1)),
                                       sd.update({"x_embedder.weight": torch.zeros(32, 5)})))
     with pytest.raises(WeightsError) as e:
-        weights.load_flux(str(tiny_folder))
+        weights_flux.load_flux(str(tiny_folder))
     msg = str(e.value)
     assert "missing 1 (final_layer.linear.bias)" in msg and "unexpected 1 (extra)" in msg
     assert "img_in.weight: file (32, 5) vs model (32, 8)" in msg
@@ -138,14 +143,14 @@ def test_missing_unexpected_misshaped_keys(tiny_folder):
 def test_incomplete_fused_parts_and_bad_config(tiny_folder):
     _rewrite(tiny_folder, lambda sd: sd.pop("single_transformer_blocks.1.proj_mlp.weight"))
     with pytest.raises(WeightsError, match=r"single_blocks.1.linear1.weight needs parts \['q', 'k', 'v', 'mlp'\]"):
-        weights.load_flux(str(tiny_folder))
+        weights_flux.load_flux(str(tiny_folder))
     config = json.loads((tiny_folder / "config.json").read_text())
     (tiny_folder / "config.json").write_text(json.dumps({**config, "axes_dims_rope": [4, 4, 4]}))
     with pytest.raises(WeightsError, match=r"axes_dim \(4, 4, 4\) must be even and sum to the head dim 16"):
-        weights.load_flux(str(tiny_folder))
+        weights_flux.load_flux(str(tiny_folder))
     (tiny_folder / "config.json").write_text(json.dumps({**config, "patch_size": 2}))
     with pytest.raises(WeightsError, match="patch_size 2"):
-        weights.load_flux(str(tiny_folder))
+        weights_flux.load_flux(str(tiny_folder))
     (tiny_folder / "config.json").unlink()
     with pytest.raises(WeightsError, match="no config.json"):
-        weights.load_flux(str(tiny_folder))
+        weights_flux.load_flux(str(tiny_folder))

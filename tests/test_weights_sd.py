@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from sd_tiny import TEXT, UNET, VAE, randomise, tiny_parts, write_tokenizer
 
 import unet as unet_mod
+import pipeline
 import weights
 from weights import WeightsError
 
@@ -149,5 +150,12 @@ def test_bad_input(tmp_path):
     save_file(small, str(tmp_path / "small.safetensors"))
     with pytest.raises(WeightsError, match=r"missing \d+ \(.*mis-shaped \d+"):
         weights.load_unet(str(tmp_path / "small.safetensors"))
-    with pytest.raises(WeightsError, match="tokenizer"):
-        weights.load_sd(str(good))
+    with pytest.raises(WeightsError, match="holds only the FLUX transformer"):
+        pipeline.load(str(good))
+    save_file({"encoder.conv_in.weight": torch.zeros(2)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(WeightsError, match="neither an SD1.5"):
+        pipeline.load(str(tmp_path / "vae.safetensors"))
+    sd_file = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sd_file))
+    with pytest.raises(WeightsError, match="needs a CLIP tokenizer folder"):
+        pipeline.load(str(sd_file))

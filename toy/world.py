@@ -1,13 +1,13 @@
 """The toy world: a captioned 32x32 image world in which the whole paper runs on a CPU in minutes.
 
-What lives here (training the tiny models: toy_train.py; the prefs and evaluation stages: toy_eval.py):
   # ---- world       palette, shapes, relations; captions; train / held-out prompt splits; the renderer
-  # ---- judge       rule-based ground truth from pixels: count, colour, shape, binding, position, overall
+  # ---- twins       hard-negative captions (the same words re-bound, or the relation reversed)
   # ---- tokenizer   a real CLIPTokenizer (vocab.json + merges.txt) whose BPE turns every world word into one token
-  # ---- rewards     differentiable toy rewards behind the `Reward` contract: toy CLIP score, toy preference model
-  # ---- assets      paths of the shipped files; `python toy.py build` rebuilds them all (see toy_train.py)
 
-Shipped files (assets/toy/, rebuilt by `python toy.py build`):
+The rest of the package: judge.py (rule-based ground truth from pixels), rewards.py (toy rewards), data.py (toy
+preference pairs), build.py (`python -m toy build`: training the tiny models and writing them in the real formats).
+
+Shipped files (assets/toy/, rebuilt by `python -m toy build`):
   sd/          diffusers-style SD pipeline folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/
   flux/        diffusers FLUX folder: transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/
   clip/        the whole toy CLIPModel (vision + text towers), used by the toy CLIP score
@@ -15,7 +15,7 @@ Shipped files (assets/toy/, rebuilt by `python toy.py build`):
   prefs.parquet  toy preference pairs in Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0, label_1; PNG bytes)
   metrics.json   figures measured by the build (VAE PSNR, CLIP retrieval, judge accuracy of the base models)
 
-Shape alphabet: B batch, C channels, H, W image size, K palette size.
+Shape alphabet: B batch, C channels, H, W image size.
 """
 from __future__ import annotations
 
@@ -23,16 +23,14 @@ import itertools
 import json
 import os
 import random
-import sys
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy")
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
 SD_DIR, FLUX_DIR, CLIP_DIR, PREF_DIR = (os.path.join(ROOT, d) for d in ("sd", "flux", "clip", "pref"))
 PREFS_PATH = os.path.join(ROOT, "prefs.parquet")
 METRICS_PATH = os.path.join(ROOT, "metrics.json")
@@ -130,13 +128,6 @@ def eval_prompts(split: str, n: int | None = 64, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(ps, len(ps) if n is None else min(n, len(ps)))
 
 
-def training_prefs():
-    """The toy preference pairs of the prompts HyperAlign trains on ('hyper-train'): the pairs of the 'unseen' and
-    'heldout' prompts, which it is scored on, are dropped (prefs.Excluding)."""
-    import prefs
-    return prefs.Excluding(prefs.open_prefs(PREFS_PATH), prompts("unseen") + prompts("heldout"))
-
-
 def _seed(caption: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{caption}".encode())      # stable across processes, unlike hash()
 
@@ -220,112 +211,33 @@ def grid(images: torch.Tensor, nrow: int = 8, scale: int = 4) -> Image.Image:
     return pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
 
 
-# ------------------------------------------------------------------------------------------------------------- judge
+# ------------------------------------------------------------------------------------------------------------- twins
 
-_PAL = torch.tensor([BACKGROUND] + [PALETTE[c] for c in COLOURS], dtype=torch.float32) / 255    # (K, 3), 0 = bg
-MIN_AREA = 16           # components smaller than this are specks, not objects (the smallest object has ~50 px)
-MAX_DIST = 0.45         # a pixel further than this from every palette colour is 'other' (not any colour)
+FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def _components(cls: np.ndarray) -> np.ndarray:
-    """4-connected components of equal class (cls: (B, H, W) ints, 0 = background): label = min pixel index + 1.
-
-    Labels are relaxed to the minimum over same-class neighbours until nothing changes (numpy: single-threaded).
-    """
-    B, H, W = cls.shape
-    big = H * W + 1
-    lab = np.where(cls > 0, np.arange(1, H * W + 1).reshape(1, H, W), big)
-    # same-class links to the right and downwards (the other two directions are the same links seen backwards)
-    right = (cls[:, :, 1:] == cls[:, :, :-1]) & (cls[:, :, 1:] > 0)
-    down = (cls[:, 1:, :] == cls[:, :-1, :]) & (cls[:, 1:, :] > 0)
-    while True:
-        new = lab.copy()
-        new[:, :, :-1] = np.where(right, np.minimum(new[:, :, :-1], lab[:, :, 1:]), new[:, :, :-1])
-        new[:, :, 1:] = np.where(right, np.minimum(new[:, :, 1:], lab[:, :, :-1]), new[:, :, 1:])
-        new[:, :-1, :] = np.where(down, np.minimum(new[:, :-1, :], lab[:, 1:, :]), new[:, :-1, :])
-        new[:, 1:, :] = np.where(down, np.minimum(new[:, 1:, :], lab[:, :-1, :]), new[:, 1:, :])
-        if np.array_equal(new, lab):
-            return np.where(cls > 0, lab, 0)
-        lab = new
+def twin(caption: str, rng: random.Random) -> str:
+    """A hard negative of a train caption: the same words re-bound (swapped colours or shapes) or the relation
+    reversed; always a train caption too (a re-binding that lands on a held-out prompt falls back to the reversal)."""
+    t = _twin(caption, rng)
+    return t if is_heldout(t) == is_heldout(caption) else str(Prompt(parse(caption).objects,
+                                                                                  FLIP[parse(caption).relation]))
 
 
-def _shape_of(mask: np.ndarray) -> str:
-    """Circle, square or triangle from a component's pixels: filled box corners, and mass in the top half."""
-    ys, xs = np.nonzero(mask)
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
-    h, w = box.shape
-    corners = np.mean([box[:2, :2].mean(), box[:2, -2:].mean(), box[-2:, :2].mean(), box[-2:, -2:].mean()])
-    top = box[:h // 2].sum() / box.sum()        # an upright triangle keeps ~1/4 of its mass in the top half
-    if corners >= 0.7:
-        return "square"
-    if top < 0.4:
-        return "triangle"
-    return "circle"
-
-
-def detect(images: torch.Tensor) -> list[list[dict]]:
-    """Objects found in each image: [{'colour', 'shape', 'cx', 'cy', 'area'}] (nearest-palette pixels, components)."""
-    x = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()      # (B, H, W, 3)
-    d = np.linalg.norm(x[..., None, :] - _PAL.numpy(), axis=-1)                    # (B, H, W, K)
-    cls = np.where(d.min(-1) <= MAX_DIST, d.argmin(-1), 0)     # 'other' pixels (far from every colour) are background
-    lab = _components(cls)
-    found = []
-    for b in range(x.shape[0]):
-        objs = []
-        ids, counts = np.unique(lab[b], return_counts=True)
-        for i, n in zip(ids, counts):
-            if i == 0 or n < MIN_AREA:
-                continue
-            m = lab[b] == i
-            ys, xs = np.nonzero(m)
-            objs.append({"colour": COLOURS[cls[b][m][0] - 1], "shape": _shape_of(m),
-                         "cx": float(xs.mean()), "cy": float(ys.mean()), "area": int(n)})
-        found.append(objs)
-    return found
-
-
-def _holds(relation: str, a: dict, b: dict) -> bool:
-    dx, dy = b["cx"] - a["cx"], b["cy"] - a["cy"]          # from the first object to the second
-    return {"left of": dx > abs(dy), "right of": -dx > abs(dy), "above": dy > abs(dx), "below": -dy > abs(dx)}[relation]
-
-
-def judge(images: torch.Tensor, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Rule-based ground truth, per image, each in [0, 1] (B,): the non-differentiable judge no reward is tuned to.
-
-    count:    the number of objects found equals the number asked for
-    colour:   fraction of asked objects whose colour is present
-    shape:    fraction of asked objects whose shape is present
-    binding:  fraction of asked objects present with the right colour AND shape (GenEval's 'colour attribution')
-    position: for a relation, both objects present (bound) and the relation holds between their centroids;
-              1 for one-object prompts (nothing asked; `summary` averages position over relational prompts only)
-    overall:  count and binding and position all right (GenEval's per-image success)
-    """
-    if images.ndim != 4 or images.shape[0] != len(captions):
-        raise ValueError(f"judge: expected (B, 3, H, W) images and B captions, got {tuple(images.shape)} and {len(captions)}")
-    keys = ("count", "colour", "shape", "binding", "position", "overall")
-    out = {k: torch.zeros(len(captions)) for k in keys}
-    for i, (objs, caption) in enumerate(zip(detect(images), captions)):
-        p = parse(caption)
-        n = len(p.objects)
-        out["count"][i] = float(len(objs) == n)
-        out["colour"][i] = sum(any(o["colour"] == q.colour for o in objs) for q in p.objects) / n
-        out["shape"][i] = sum(any(o["shape"] == q.shape for o in objs) for q in p.objects) / n
-        bound = [next((o for o in objs if (o["colour"], o["shape"]) == (q.colour, q.shape)), None) for q in p.objects]
-        out["binding"][i] = sum(o is not None for o in bound) / n
-        if p.relation is None:
-            out["position"][i] = 1.0
-        else:
-            out["position"][i] = float(all(bound) and _holds(p.relation, bound[0], bound[1]))
-        out["overall"][i] = float(out["count"][i] == 1 and out["binding"][i] == 1 and out["position"][i] == 1)
-    return out
-
-
-def summary(scores: dict[str, torch.Tensor], captions: list[str]) -> dict[str, float]:
-    """Mean of each judge score; position averaged over relational prompts only."""
-    rel = torch.tensor([parse(c).relation is not None for c in captions])
-    res = {k: round(v.mean().item(), 4) for k, v in scores.items() if k != "position"}
-    res["position"] = round(scores["position"][rel].mean().item(), 4) if rel.any() else float("nan")
-    return res
+def _twin(caption: str, rng: random.Random) -> str:
+    p = parse(caption)
+    if p.relation is None:
+        o = p.objects[0]
+        if rng.random() < 0.5:
+            return str(Prompt((Obj(rng.choice([c for c in COLOURS if c != o.colour]), o.shape),)))
+        return str(Prompt((Obj(o.colour, rng.choice([s for s in SHAPES if s != o.shape])),)))
+    a, b = p.objects
+    r = rng.random()
+    if r < 0.4 or (r >= 0.7 and a.shape == b.shape):
+        return str(Prompt((a, b), FLIP[p.relation]))
+    if r < 0.7:
+        return str(Prompt((Obj(b.colour, a.shape), Obj(a.colour, b.shape)), p.relation))
+    return str(Prompt((Obj(a.colour, b.shape), Obj(b.colour, a.shape)), p.relation))
 
 
 # --------------------------------------------------------------------------------------------------------- tokenizer
@@ -386,101 +298,5 @@ def load_tokenizer(folder: str | None = None):
     return CLIPTokenizer.from_pretrained(folder or os.path.join(SD_DIR, "tokenizer"))
 
 
-# ----------------------------------------------------------------------------------------------------------- rewards
-# Both follow rewards.py's contract: reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,), differentiable in the
-# images, frozen. They are registered in rewards.REWARDS as "toy-clip" and "toy-pref" (path optional: the shipped one).
-from torch import nn  # noqa: E402
-
-import rewards  # noqa: E402
-
-
-def toy_clip_score(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> "rewards.CLIPReward":
-    """CLIP score (Hessel et al. 2021) with the toy CLIP: 100 · cos(f_img, f_txt)."""
-    folder = path or CLIP_DIR
-    return rewards.CLIPReward(rewards.load_clip_model(folder, device, dtype),
-                              rewards.load_clip_tokenizer(tokenizer, folder), scale=100.0).freeze()
-
-
-class PrefHead(nn.Module):
-    """HPS-like head: r = cos(img(f_img), txt(f_txt)) + softplus(a) cos_CLIP, where f_img = [CLS, mean patch token]
-    of the toy CLIP's vision tower, f_txt its pooled text state, and cos_CLIP the CLIP's own image-text cosine."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.width = width
-        self.img = nn.Sequential(nn.Linear(2 * width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-        self.txt = nn.Linear(width, width)
-        self.a = nn.Parameter(torch.zeros(()))      # weight of the CLIP alignment term, softplus(0) = 0.69
-
-    def forward(self, f_img: torch.Tensor, f_txt: torch.Tensor) -> torch.Tensor:
-        E = self.width                              # f_img (B, 3E) = [CLS, patches, CLIP embedding]; f_txt (B, 2E)
-        clip = F.cosine_similarity(f_img[:, 2 * E:], f_txt[:, E:], dim=-1)
-        return F.cosine_similarity(self.img(f_img[:, :2 * E]), self.txt(f_txt[:, :E]), dim=-1) + F.softplus(self.a) * clip
-
-
-class ToyPreference(rewards.Reward):
-    """The toy preference model: PrefHead on the frozen toy CLIP's towers, trained with a Bradley-Terry loss on the
-    toy preference pairs (as HPS is trained on HPD's)."""
-
-    def __init__(self, clip, tokenizer, head: PrefHead):
-        super().__init__()
-        self.clip, self.tokenizer, self.head = clip, tokenizer, head
-        self.freeze()
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.clip.vision_model(pixel_values=rewards.clip_preprocess(images, SIZE).to(self.clip.logit_scale.dtype))
-        cls = out.pooler_output
-        return torch.cat([cls, out.last_hidden_state[:, 1:].mean(1), self.clip.visual_projection(cls)], -1).float()
-
-    @torch.no_grad()
-    def text_features(self, prompts) -> torch.Tensor:
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids.to(self.clip.logit_scale.device)
-        pooled = self.clip.text_model(input_ids=ids).pooler_output
-        return torch.cat([pooled, self.clip.text_projection(pooled)], -1).float()  # (B, 2E)
-
-    def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        rewards.check_inputs(images, prompts)
-        dtype = self.head.a.dtype  # features come out in float32; the head may be bf16 (--reward-dtype)
-        return self.head(self.image_features(images).to(dtype), self.text_features(prompts).to(dtype)).float()
-
-
-def toy_preference(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> ToyPreference:
-    """The shipped toy preference model (assets/toy/pref/: config.json naming its CLIP folder, head weights)."""
-    from weights import build_and_load, read_config, read_safetensors
-    folder = path or PREF_DIR
-    cfg = read_config(folder)
-    clip_folder = os.path.normpath(os.path.join(folder, cfg["clip"]))
-    head = build_and_load(lambda: PrefHead(cfg["width"]), read_safetensors(os.path.join(folder, "model.safetensors")),
-                          f"toy preference head {folder}", dtype, device)
-    return ToyPreference(rewards.load_clip_model(clip_folder, device, dtype),
-                         rewards.load_clip_tokenizer(tokenizer, clip_folder), head)
-
-
-rewards.REWARDS.update({"toy-clip": toy_clip_score, "toy-pref": toy_preference})
-
-
-# ------------------------------------------------------------------------------------------------------------ assets
-
-def main(argv: list[str]) -> int:
-    """`python toy.py build [--preset full|smoke] [--root DIR] [--stages clip,vae,...]`: rebuild the shipped files."""
-    import argparse
-    import toy_train
-    p = argparse.ArgumentParser(description="Rebuild the toy world's shipped models and data (assets/toy/).")
-    p.add_argument("command", choices=["build"])
-    p.add_argument("--preset", default="full", choices=sorted(toy_train.PRESETS))
-    p.add_argument("--root", default=ROOT)
-    p.add_argument("--stages", default=",".join(toy_train.STAGES),
-                   help=f"comma-separated subset of {','.join(toy_train.STAGES)}; later stages read earlier ones' files")
-    a = p.parse_args(argv)
-    stages = tuple(s for s in a.stages.split(",") if s)
-    bad = [s for s in stages if s not in toy_train.STAGES]
-    if bad:
-        print(f"error: unknown stages {bad}; known: {','.join(toy_train.STAGES)}", file=sys.stderr)
-        return 2
-    toy_train.build(a.preset, a.root, stages)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+def tokenize(tokenizer, captions: list[str], length: int = 77) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids

@@ -1,31 +1,29 @@
-"""Training the toy world's tiny models with the project's own modules, and writing them in the real formats.
+"""Training the toy world's tiny models with the project's own modules (`python -m toy build`, see build.py).
 
-`python toy.py build` calls `build()`: every shipped file under assets/toy/ is rebuilt from scratch, reproducibly
-(fixed seeds, fp32, CPU). Stages, in order (each depends on the previous ones):
-
+  # ---- config    BuildConfig: every setting of the build, and its presets (full, smoke)
+  # ---- data      an endless stream of renders; optimiser helpers
   # ---- CLIP      transformers CLIPModel trained contrastively on renders of train prompts (+ hard-negative twins)
   # ---- VAE       vae.AutoencoderKL (SD layout, 4 latent channels, x4 down-sampling): L1 + L2 + tiny KL
   # ---- U-Net     unet.UNet, eps-prediction on SD1.5's schedule, 10% caption dropout for classifier-free guidance
   # ---- FLUX      flux.Flux, rectified flow on the same latents packed 2x2 (schnell-style: no guidance embedding)
-  # ---- prefs     toy preference pairs and the preference head        (toy_eval.py)
-  # ---- evaluate  VAE PSNR, CLIP retrieval, judge accuracy; sample grids (toy_eval.py)
 
-Shape alphabet: B batch, C channels, H W size, S text tokens (77), E text width, L image tokens.
+Each model's diffusers config.json lives beside its trainer, so the folders build.py writes are ordinary diffusers
+folders. Shape alphabet: B batch, C channels, H W size, S text tokens (77), E text width, L image tokens.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-import time
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import toy
+from toy import world
 
+
+# ----------------------------------------------------------------------------------------------------------- config
 
 @dataclass
 class BuildConfig:
@@ -74,38 +72,11 @@ PRESETS = {
 
 # ------------------------------------------------------------------------------------------------------------- data
 
-FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def twin(caption: str, rng: random.Random) -> str:
-    """A hard negative of a train caption: the same words re-bound (swapped colours or shapes) or the relation
-    reversed; always a train caption too (a re-binding that lands on a held-out prompt falls back to the reversal)."""
-    t = _twin(caption, rng)
-    return t if toy.is_heldout(t) == toy.is_heldout(caption) else str(toy.Prompt(toy.parse(caption).objects,
-                                                                                  FLIP[toy.parse(caption).relation]))
-
-
-def _twin(caption: str, rng: random.Random) -> str:
-    p = toy.parse(caption)
-    if p.relation is None:
-        o = p.objects[0]
-        if rng.random() < 0.5:
-            return str(toy.Prompt((toy.Obj(rng.choice([c for c in toy.COLOURS if c != o.colour]), o.shape),)))
-        return str(toy.Prompt((toy.Obj(o.colour, rng.choice([s for s in toy.SHAPES if s != o.shape])),)))
-    a, b = p.objects
-    r = rng.random()
-    if r < 0.4 or (r >= 0.7 and a.shape == b.shape):
-        return str(toy.Prompt((a, b), FLIP[p.relation]))
-    if r < 0.7:
-        return str(toy.Prompt((toy.Obj(b.colour, a.shape), toy.Obj(a.colour, b.shape)), p.relation))
-    return str(toy.Prompt((toy.Obj(a.colour, b.shape), toy.Obj(b.colour, a.shape)), p.relation))
-
-
 class Stream:
     """Renders of train prompts with ever-new seeds: an endless, reproducible data stream."""
 
     def __init__(self, seed: int, split: str = "train", singles: float = 0.0):
-        self.rng, self.prompts, self.next_seed = random.Random(seed), toy.prompts(split), seed * 10_000_000
+        self.rng, self.prompts, self.next_seed = random.Random(seed), world.prompts(split), seed * 10_000_000
         self.singles = singles      # probability of a one-object prompt (else uniform over all prompts of the split)
 
     def captions(self, n: int) -> list[str]:
@@ -115,21 +86,19 @@ class Stream:
                 for _ in range(n)]
 
     def render(self, captions: list[str]) -> torch.Tensor:
-        x = toy.render_batch(captions, self.next_seed)  # (B, 3, H, W) in [0, 1]
+        x = world.render_batch(captions, self.next_seed)  # (B, 3, H, W) in [0, 1]
         self.next_seed += len(captions)
         return x
 
 
-def tokenize(tokenizer, captions: list[str], length: int = 77) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-
-
-def _opt(params, lr: float, steps: int):
+def optimizer(params, lr: float, steps: int):
+    """AdamW with a one-cycle schedule (5% warm-up): the recipe of every toy model."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.05)
 
 
-def _step(opt, sched, loss: torch.Tensor, clip: torch.nn.Module | None = None) -> None:
+def step(opt, sched, loss: torch.Tensor, clip: torch.nn.Module | None = None) -> None:
+    """Backward, clip the gradient norm of `clip`'s parameters at 1 (if given), step the optimiser and schedule."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
@@ -146,7 +115,7 @@ def clip_config(cfg: BuildConfig, vocab_size: int):
     text = dict(vocab_size=vocab_size, hidden_size=E, intermediate_size=4 * E, num_hidden_layers=Lt,
                 num_attention_heads=4, max_position_embeddings=77, projection_dim=E,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)   # pooled at the first <|endoftext|> (id 1)
-    vision = dict(image_size=toy.SIZE, patch_size=4, hidden_size=E, intermediate_size=4 * E, num_hidden_layers=Lv,
+    vision = dict(image_size=world.SIZE, patch_size=4, hidden_size=E, intermediate_size=4 * E, num_hidden_layers=Lv,
                   num_attention_heads=4, projection_dim=E)
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=E)
 
@@ -154,7 +123,7 @@ def clip_config(cfg: BuildConfig, vocab_size: int):
 def pixels(x: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> CLIP input, exactly as rewards.CLIPReward preprocesses them (OpenAI mean / std)."""
     from rewards import clip_preprocess
-    return clip_preprocess(x, toy.SIZE)
+    return clip_preprocess(x, world.SIZE)
 
 
 def train_clip(cfg: BuildConfig, tokenizer):
@@ -162,16 +131,16 @@ def train_clip(cfg: BuildConfig, tokenizer):
     from transformers import CLIPModel
     torch.manual_seed(cfg.seed)
     model = CLIPModel(clip_config(cfg, len(tokenizer)))
-    opt, sched = _opt(model.parameters(), cfg.clip_lr, cfg.clip_steps)
+    opt, sched = optimizer(model.parameters(), cfg.clip_lr, cfg.clip_steps)
     data, rng = Stream(cfg.seed + 1), random.Random(cfg.seed + 2)
     bar = tqdm(range(cfg.clip_steps), desc="CLIP")
     for _ in bar:
         caps = data.captions(cfg.clip_batch // 2)
-        caps = caps + [twin(c, rng) for c in caps]
+        caps = caps + [world.twin(c, rng) for c in caps]
         # NOTE: 16 tokens while training: the text tower is causal and pools at the first EOS, so the features are
         # the same as with SD's 77-token padding and the positions after 16 are never used by the loss.
-        out = model(input_ids=tokenize(tokenizer, caps, 16), pixel_values=pixels(data.render(caps)), return_loss=True)
-        _step(opt, sched, out.loss)
+        out = model(input_ids=world.tokenize(tokenizer, caps, 16), pixel_values=pixels(data.render(caps)), return_loss=True)
+        step(opt, sched, out.loss)
         bar.set_postfix(loss=f"{out.loss.item():.3f}")
     return model.eval().requires_grad_(False)
 
@@ -184,7 +153,7 @@ def vae_diffusers_config(cfg: BuildConfig, scaling_factor: float = 1.0) -> dict:
     return {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": list(cfg.vae_channels), "layers_per_block": 1, "act_fn": "silu",
-            "norm_num_groups": 8, "sample_size": toy.SIZE, "scaling_factor": scaling_factor,
+            "norm_num_groups": 8, "sample_size": world.SIZE, "scaling_factor": scaling_factor,
             "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
 
 
@@ -197,7 +166,7 @@ def train_vae(cfg: BuildConfig):
     from vae import AutoencoderKL, VAEConfig
     torch.manual_seed(cfg.seed)
     model = AutoencoderKL(VAEConfig.from_diffusers(vae_diffusers_config(cfg)))
-    opt, sched = _opt(model.parameters(), cfg.vae_lr, cfg.vae_steps)
+    opt, sched = optimizer(model.parameters(), cfg.vae_lr, cfg.vae_steps)
     data = Stream(cfg.seed + 3)
     bar = tqdm(range(cfg.vae_steps), desc="VAE")
     for _ in bar:
@@ -208,7 +177,7 @@ def train_vae(cfg: BuildConfig):
         rec = (x_rec - x).abs().mean() + (x_rec - x).square().mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
         loss = rec + cfg.vae_kl * kl
-        _step(opt, sched, loss)
+        step(opt, sched, loss)
         bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
     model.eval().requires_grad_(False)
     with torch.no_grad():
@@ -237,7 +206,7 @@ def encode_dataset(cfg: BuildConfig, vae, n: int) -> tuple[torch.Tensor, list[st
 
 def unet_diffusers_config(cfg: BuildConfig) -> dict:
     """The toy U-Net as a diffusers UNet2DConditionModel config.json: SD1.5's blocks, two cross-attention levels."""
-    return {"_class_name": "UNet2DConditionModel", "sample_size": toy.SIZE // 4, "in_channels": 4, "out_channels": 4,
+    return {"_class_name": "UNet2DConditionModel", "sample_size": world.SIZE // 4, "in_channels": 4, "out_channels": 4,
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": [32, 64, 64], "layers_per_block": 1,
@@ -259,7 +228,7 @@ def text_contexts(text_encoder, tokenizer, captions: list[str]) -> dict[str, tup
     uniq = sorted(set(captions))
     out = {}
     for i in range(0, len(uniq), 256):
-        o = text_encoder(tokenize(tokenizer, uniq[i:i + 256]))
+        o = text_encoder(world.tokenize(tokenizer, uniq[i:i + 256]))
         for j, c in enumerate(uniq[i:i + 256]):
             out[c] = (o.last_hidden_state[j], o.pooler_output[j])
     return out
@@ -275,7 +244,7 @@ def train_unet(cfg: BuildConfig, z0: torch.Tensor, caps: list[str], ctx: dict):
     torch.manual_seed(cfg.seed)
     model = UNet(UNetConfig.from_diffusers(unet_diffusers_config(cfg)))
     schedule = VPSchedule.from_config(SCHEDULER_CONFIG)
-    opt, sched = _opt(model.parameters(), cfg.unet_lr, cfg.unet_steps)
+    opt, sched = optimizer(model.parameters(), cfg.unet_lr, cfg.unet_steps)
     g = torch.Generator().manual_seed(cfg.seed + 5)
     bar = tqdm(range(cfg.unet_steps), desc="U-Net")
     for _ in bar:
@@ -286,7 +255,7 @@ def train_unet(cfg: BuildConfig, z0: torch.Tensor, caps: list[str], ctx: dict):
         eps = torch.randn(z0[idx].shape, generator=g)
         x_t = add_noise(z0[idx], eps, schedule.alpha_bar[t].view(-1, 1, 1, 1))
         loss = F.mse_loss(model(x_t, t, context), eps)
-        _step(opt, sched, loss, model)
+        step(opt, sched, loss, model)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval().requires_grad_(False)
 
@@ -325,7 +294,6 @@ _TO_DIFFUSERS = [
 
 def flux_to_diffusers(sd: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
     """BFL state dict -> diffusers FluxTransformer2DModel names (so the toy folder is an ordinary diffusers folder)."""
-    import re
     out = {}
     for k, v in sd.items():
         if re.search(r"\.(img|txt)_attn\.qkv\.", k):        # fused q|k|v -> to_q/to_k/to_v or add_{q,k,v}_proj
@@ -361,7 +329,7 @@ def train_flux(cfg: BuildConfig, z0: torch.Tensor, caps: list[str], ctx: dict):
     from weights import flux_config_from_diffusers
     torch.manual_seed(cfg.seed)
     model = Flux(flux_config_from_diffusers(flux_diffusers_config(cfg)))
-    opt, sched = _opt(model.parameters(), cfg.flux_lr, cfg.flux_steps)
+    opt, sched = optimizer(model.parameters(), cfg.flux_lr, cfg.flux_steps)
     g = torch.Generator().manual_seed(cfg.seed + 6)
     B, (H, W) = cfg.flux_batch, z0.shape[-2:]
     img_ids, txt_ids = image_ids(B, H, W), torch.zeros(B, 16, 3)
@@ -375,122 +343,6 @@ def train_flux(cfg: BuildConfig, z0: torch.Tensor, caps: list[str], ctx: dict):
         t = torch.sigmoid(torch.randn(B, generator=g))
         x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * eps
         loss = F.mse_loss(model(x_t, img_ids, txt, txt_ids, t, y), eps - x0)
-        _step(opt, sched, loss, model)
+        step(opt, sched, loss, model)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return model.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------------------ build
-
-def _json(path: str, obj: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def _save(module_or_sd, folder: str, config: dict, name: str = "diffusion_pytorch_model.safetensors") -> None:
-    from safetensors.torch import save_file
-    sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in sd.items()}, os.path.join(folder, name))
-    _json(os.path.join(folder, "config.json"), config)
-
-
-def save_text_encoders(clip, root: str) -> None:
-    """The CLIP text tower as SD's text_encoder/ and FLUX's text_encoder/ (pooled y) + text_encoder_2/ (txt).
-
-    NOTE: FLUX's text_encoder_2 (T5 in FLUX.1) is the same tower with its position table cut to 16 entries: the tower
-    is causal, so its first 16 hidden states are unchanged, and FLUX attends over 16 text tokens instead of 77
-    (FLUX.1 likewise gives T5 a shorter context than its maximum: 256 tokens for schnell).
-    """
-    from transformers import CLIPTextModel
-    text = CLIPTextModel(clip.config.text_config)
-    text.load_state_dict(clip.text_model.state_dict())
-    for sub in ("sd/text_encoder", "flux/text_encoder"):
-        text.save_pretrained(os.path.join(root, sub))
-    short_cfg = clip.config.text_config.__class__.from_dict({**clip.config.text_config.to_dict(),
-                                                             "max_position_embeddings": 16})
-    short = CLIPTextModel(short_cfg)
-    sd = {k: v for k, v in clip.text_model.state_dict().items() if not k.endswith("position_ids")}
-    sd["embeddings.position_embedding.weight"] = sd["embeddings.position_embedding.weight"][:16]
-    short.load_state_dict(sd)
-    short.save_pretrained(os.path.join(root, "flux/text_encoder_2"))
-    for sub in ("clip", "sd/tokenizer", "flux/tokenizer", "flux/tokenizer_2"):
-        toy.write_tokenizer(os.path.join(root, sub))
-
-
-def save_sd(cfg: BuildConfig, unet, folder: str) -> None:
-    """unet/ + scheduler/ + model_index.json: with text_encoder/, tokenizer/, vae/ a diffusers SD pipeline folder."""
-    _save(unet, os.path.join(folder, "unet"), unet_diffusers_config(cfg))
-    _json(os.path.join(folder, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
-    _json(os.path.join(folder, "model_index.json"), {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False})
-
-
-def save_flux(cfg: BuildConfig, flux, folder: str) -> None:
-    """transformer/ (diffusers names) + scheduler/ + model_index.json: a diffusers FLUX pipeline folder."""
-    _save(flux_to_diffusers(flux.state_dict(), flux.config.hidden_size), os.path.join(folder, "transformer"),
-          flux_diffusers_config(cfg))
-    _json(os.path.join(folder, "scheduler", "scheduler_config.json"), FLUX_SCHEDULER_CONFIG)
-    _json(os.path.join(folder, "model_index.json"), {
-        "_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
-        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        # NOTE: a CLIP text tower stands in for T5-XXL (see save_text_encoders)
-        "text_encoder_2": ["transformers", "CLIPTextModel"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
-
-
-STAGES = ("clip", "vae", "unet", "flux", "prefs", "eval")
-
-
-def build(preset: str = "full", root: str = toy.ROOT, stages: tuple[str, ...] = STAGES) -> dict:
-    """Rebuild the shipped files under `root`, stage by stage; a stage loads earlier stages' files from `root`."""
-    import weights
-    cfg, t_all, mine = PRESETS[preset], time.time(), {}
-    torch.set_num_threads(cfg.threads)
-    mine["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    for stage in stages:
-        t0 = time.time()
-        print(f"---- {stage}", flush=True)
-        if stage == "clip":
-            toy.write_tokenizer(os.path.join(root, "clip"))
-            tokenizer = toy.load_tokenizer(os.path.join(root, "clip"))
-            clip = train_clip(cfg, tokenizer)
-            clip.save_pretrained(os.path.join(root, "clip"))
-            save_text_encoders(clip, root)
-            import toy_eval
-            mine.update(clip_top1_heldout=toy_eval.clip_retrieval(clip, tokenizer, "heldout"),
-                        clip_top1_train=toy_eval.clip_retrieval(clip, tokenizer, "train"))
-        elif stage == "vae":
-            vae = train_vae(cfg)
-            for sub in ("sd/vae", "flux/vae"):
-                _save(vae, os.path.join(root, sub), vae_diffusers_config(cfg, vae.config.scaling_factor))
-            import toy_eval
-            mine.update(vae_psnr_heldout=toy_eval.vae_psnr(vae, "heldout"),
-                        vae_scaling_factor=vae.config.scaling_factor)
-        elif stage in ("unet", "flux"):
-            z0, caps = encode_dataset(cfg, weights.load_vae(os.path.join(root, "sd", "vae")), cfg.latents)
-            ctx = text_contexts(weights.load_text_encoder(os.path.join(root, "sd", "text_encoder")),
-                                weights.load_tokenizer(os.path.join(root, "sd", "tokenizer")), caps + [""])
-            if stage == "unet":
-                save_sd(cfg, train_unet(cfg, z0, caps, ctx), os.path.join(root, "sd"))
-            else:
-                save_flux(cfg, train_flux(cfg, z0, caps, ctx), os.path.join(root, "flux"))
-        elif stage in ("prefs", "eval"):
-            import toy_eval
-            mine.update(toy_eval.build_prefs(cfg, root) if stage == "prefs" else toy_eval.evaluate(cfg, root))
-        else:
-            raise ValueError(f"unknown stage {stage!r}")
-        mine[f"time_{stage}_s"] = round(time.time() - t0, 1)
-        # NOTE: stages may run in parallel processes: merge this process's figures into the file as it is now
-        path = os.path.join(root, "metrics.json")
-        _json(path, {**(json.load(open(path)) if os.path.isfile(path) else {}), **mine})
-        print({k: v for k, v in mine.items() if k != "config"}, flush=True)
-    print(f"built {stages} in {time.time() - t_all:.0f} s", flush=True)
-    return mine

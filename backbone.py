@@ -1,0 +1,122 @@
+"""The frozen generator as the method sees it: one adapter for the SD U-Net (VP diffusion) and the FLUX transformer
+(rectified flow), so that everything above works with either.
+
+    forward(params, x_t, t, cond)  the samplers' contract `model(x_t, t, cond) -> prediction`, optionally run with
+                                   merged LoRA weights (lora.py); None runs the base model
+    features(x_t, t, cond)         the perception encoder E(x_t, t, c) of the hypernetwork (frozen)
+    x0_hat / noised / target       the process's algebra: one-step prediction, q(x_t | x0), the denoising target
+
+    vp   (SD1.5): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t integer in [0, 1000); cond = text context (B, S, E);
+                  the U-Net predicts eps (or v); the algebra is sampler.py's VP section.
+    flow (FLUX):  x_t = (1 - t) x0 + t eps, t in [0, 1]; cond = sampler.flux_cond dict; x are packed tokens;
+                  FLUX predicts the velocity v = eps - x0.
+
+Shape alphabet: B batch, L feature tokens, F feature width, E embedding width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+import lora
+import sampler
+
+KINDS = ("vp", "flow")
+
+
+@dataclass
+class Backbone:
+    kind: str                                 # "vp" or "flow"
+    model: nn.Module                          # unet.UNet or flux.Flux, frozen
+    schedule: sampler.VPSchedule | None = None  # vp: alpha_bar and the prediction type (eps or v)
+    encoder_depth: int = 2                    # flow: double blocks in the perception encoder
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"backbone kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "vp" and self.schedule is None:
+            raise ValueError("a VP backbone needs its noise schedule")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def inputs(self, x_t: Tensor, t: Tensor, cond) -> tuple:
+        """The model's positional inputs, cast to its dtype (a bf16 model takes bf16; x_t itself stays fp32)."""
+        dtype = self.dtype
+        if self.kind == "vp":
+            return x_t.to(dtype), t, cond.to(dtype)
+        g = cond.get("guidance")
+        return (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
+                cond["y"].to(dtype), None if g is None else g.to(dtype))
+
+    def forward(self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """f_{θ+Δθ}(x_t, t, cond) with the merged weights `params` from lora.merged_params (None: the base model)."""
+        args = self.inputs(x_t, t, cond)
+        out = self.model(*args) if params is None else lora.call_merged(self.model, params, *args)
+        return out.to(x_t.dtype)
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """The base model with the samplers' contract."""
+        return self.forward(None, x_t, t, cond)
+
+    @torch.no_grad()
+    def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor]:
+        """Perception encoder E(x_t, t, c) -> tokens (B, L, F), embedding (B, E). Frozen: never any gradient."""
+        if self.kind == "vp":
+            h, _, emb = self.model.down(*self.inputs(x_t, t, cond))       # h (B, C, h, w), emb (B, 4 C0)
+            return rearrange(h, "B C h w -> B (h w) C"), emb
+        # NOTE: the paper does not say what encodes x_t for FLUX; ours: the frozen embedders plus the first
+        # `encoder_depth` double-stream blocks, image and text tokens together, and the vector embedding.
+        img, txt, vec, _ = self.model.forward_features(*self.inputs(x_t, t, cond), depth=self.encoder_depth)
+        return torch.cat([txt, img], dim=1), vec                            # (B, L_txt + L_img, W), (B, W)
+
+    def feature_dims(self) -> tuple[int, int]:
+        if self.kind == "vp":
+            c = self.model.config
+            return c.block_out_channels[-1], 4 * c.block_out_channels[0]
+        return self.model.config.hidden_size, self.model.config.hidden_size
+
+    # ---- the process's algebra (t is a (B,) tensor of model times)
+
+    def _ab(self, t: Tensor, like: Tensor) -> Tensor:
+        """alpha_bar_t broadcastable to `like`; t < 0 means "before t = 0" (DDIM's final step)."""
+        t = t.long().to(like.device)
+        ab = self.schedule.alpha_bar.to(like.device)[t.clamp_min(0)]
+        ab = torch.where(t >= 0, ab, self.schedule.final_alpha_bar.to(like.device)).to(like.dtype)
+        return ab.view(-1, *[1] * (like.dim() - 1))                # (B, 1, ...)
+
+    def _t(self, t: Tensor, like: Tensor) -> Tensor:
+        return t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+    def x0_hat(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """One-step prediction of the clean sample (DDIM eq. 9 / Tweedie for VP; x_t - t v for flow)."""
+        if self.kind == "flow":
+            return sampler.flow_x0_hat(x_t, self._t(t, x_t), pred)
+        return sampler.predict_x0(x_t, pred, self._ab(t, x_t), self.schedule.prediction_type)[0]
+
+    def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The forward process q(x_t | x0) with the given noise."""
+        if self.kind == "flow":
+            return (1 - self._t(t, x0)) * x0 + self._t(t, x0) * eps
+        return sampler.add_noise(x0, eps, self._ab(t, x0))
+
+    def recover(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x0 from a state whose noise is known: the inverse of `noised` (Direct-Align's recovery, SRPO)."""
+        if self.kind == "flow":
+            return (x_t - self._t(t, x_t) * eps) / (1 - self._t(t, x_t))
+        ab = self._ab(t, x_t)
+        return (x_t - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the model should predict at q(x_t | x0, eps): eps (or v) for VP, the velocity eps - x0 for flow."""
+        if self.kind == "flow":
+            return eps - x0
+        return sampler.training_target(x0, eps, self._ab(t, x0), self.schedule.prediction_type)

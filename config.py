@@ -1,0 +1,230 @@
+"""One run configuration: every setting of a training run (train.py, baselines.py), with named presets, one argparse
+builder, and the few functions that turn settings into objects (prompts, reward, preference data).
+
+    cfg = config.parse(argv)                    preset (--preset, default toy-sd) + the flags given, checked
+    cfg = config.RunConfig.from_preset("toy-flux", steps=300)
+    pipe = config.load_pipeline(cfg); reward = config.load_reward(cfg); ...
+
+The whole RunConfig is saved in every run's config.json, so a run can be rebuilt, resumed and compared exactly.
+Presets: toy-sd / toy-flux (the shipped toy world, runs on a CPU in minutes) and sd15 / flux-dev (real checkpoints
+at local paths, the paper's sampling settings; model, reward, prompts and preference data must be given).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+
+import rewards
+from toy import rewards as toy_rewards
+from toy import world
+
+PRESET_NAMES = ("toy-sd", "toy-flux", "sd15", "flux-dev")
+VARIANTS = ("S", "I", "P")
+REWARD_MODES = ("one-step", "direct-align")
+DTYPES = ("float32", "bfloat16", "float16")
+# every reward a spec may name: the real ones and the toy world's (an explicit table; nothing registers on import)
+REWARDS = {**rewards.REWARDS, **toy_rewards.REWARDS}
+
+
+@dataclass
+class RunConfig:
+    preset: str = "toy-sd"
+    # ---- the frozen model
+    model: str = field(default=world.SD_DIR, metadata={"help": "SD1.x / FLUX weights: a diffusers folder or a single "
+                                                                 "file"})
+    tokenizer: str | None = field(default=None, metadata={"help": "CLIP tokenizer folder, for a single-file SD model"})
+    dtype: str = field(default="float32", metadata={"help": "dtype of the frozen models", "choices": DTYPES})
+    resolution: int | None = field(default=None, metadata={"help": "image size (default: the VAE config's)"})
+    sample_steps: int | None = field(default=20, metadata={"help": "sampling steps (default: SD 50, FLUX 28)"})
+    guidance: float | None = field(default=5.0, metadata={"help": "CFG scale (SD) / distilled guidance (FLUX-dev)"})
+    # ---- data
+    prompts: str = field(default="toy:hyper-train", metadata={"help": "training prompts: a text file, one per "
+                                                                       "line, or toy:SPLIT"})
+    eval_prompts: str = field(default="toy:unseen,toy:heldout", metadata={
+        "help": "held-out prompt sets, comma-separated (files or toy:SPLIT); each is scored separately"})
+    prefs: str | None = field(default=world.PREFS_PATH, metadata={
+        "help": "preference data for L_G: Pick-a-Pic parquet, HPDv2 train.json, or JSONL (prefs.py)"})
+    reward: str = field(default="toy-pref", metadata={"help": "reward spec 'name[:path][=weight],...' (rewards.py)"})
+    reward_tokenizer: str | None = field(default=None, metadata={"help": "CLIP tokenizer folder for rewards "
+                                                                          "without one (HPS)"})
+    reward_dtype: str = field(default="float32", metadata={"help": "dtype of the reward model", "choices": DTYPES})
+    # ---- the method
+    variant: str = field(default="I", metadata={"help": "S: LoRA every step, I: once from x_T, P: at key steps",
+                                                "choices": VARIANTS})
+    hyper: str = field(default="toy-sd", metadata={"help": "hypernetwork size preset (hyperalign.PRESETS)"})
+    rank: int | None = field(default=None, metadata={"help": "LoRA rank R (default: the hypernetwork preset's)"})
+    key_steps: int = field(default=3, metadata={"help": "P: curvature key steps K (plus step 0)"})
+    # ---- training
+    steps: int = field(default=150, metadata={"help": "training steps"})
+    batch_size: int = field(default=4, metadata={"help": "samples per step and process (torchrun: N x this)"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    lambda_reg: float = field(default=3.0, metadata={"help": "λ, the weight of L_G (0: reward only)"})
+    reward_from: float = field(default=0.5, metadata={"help": "L_R at steps from this fraction of the trajectory "
+                                                               "on (0: every step)"})
+    reward_mode: str = field(default="one-step", metadata={
+        "help": "one-step: L_R on x0_hat at a rolled-out x_t (the paper); direct-align: at a rolled-out x0 noised "
+                "with a known eps, recovered after one step (SRPO)", "choices": REWARD_MODES})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every this many steps"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the frozen model"})
+    # ---- evaluation at the end
+    n_eval: int | None = field(default=None, metadata={"help": "prompts per held-out set (default: all)"})
+    eval_seeds: int = field(default=2, metadata={"help": "samples (seeds) per held-out prompt"})
+    eval_batch: int = field(default=16, metadata={"help": "samples per evaluation batch"})
+    no_eval: bool = field(default=False, metadata={"help": "skip the evaluation at the end"})
+    # ---- machine and files
+    out: str = field(default="runs/hyperalign", metadata={"help": "run folder DIR"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (torchrun: cuda:LOCAL_RANK per process)"})
+    threads: int | None = field(default=1, metadata={"help": "CPU threads (default: torch's)"})
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "RunConfig":
+        if name not in PRESETS:
+            raise ValueError(f"--preset: unknown {name!r}; choose from {', '.join(PRESET_NAMES)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> "RunConfig":
+        """Refuse settings that cannot run, naming the flag (ValueError: the scripts exit 2 with it)."""
+        positive = ("steps", "batch_size", "save_every", "key_steps", "eval_seeds", "eval_batch", "n_eval",
+                    "sample_steps", "rank", "resolution", "threads")
+        for name in positive:
+            v = getattr(self, name)
+            if v is not None and v < (0 if name == "steps" else 1):
+                raise ValueError(f"--{flag(name)} must be positive, got {v}")
+        if self.lambda_reg < 0 or not self.lr > 0:
+            raise ValueError(f"--lambda-reg must be >= 0 and --lr > 0 (got {self.lambda_reg}, {self.lr})")
+        if not 0 <= self.reward_from < 1:
+            raise ValueError(f"--reward-from must be in [0, 1), got {self.reward_from}")
+        if self.guidance is not None and self.guidance < 0:
+            raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
+        for name, choices in (("variant", VARIANTS), ("reward_mode", REWARD_MODES), ("dtype", DTYPES),
+                              ("reward_dtype", DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("model", "prompts", "reward"):
+            if not getattr(self, name):
+                raise ValueError(f"--{flag(name)} is required with --preset {self.preset}")
+        if not self.no_eval and not self.eval_prompts:
+            raise ValueError("--eval-prompts is required (held-out prompts to score the run on), or pass --no-eval")
+        if self.lambda_reg > 0 and not self.prefs:
+            raise ValueError("--prefs is required for L_G (or pass --lambda-reg 0)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+        return self
+
+
+_TOY = RunConfig()
+PRESETS: dict[str, RunConfig] = {
+    "toy-sd": _TOY,
+    # NOTE: the toy FLUX is schnell-style (no guidance embedding): guidance does not apply
+    "toy-flux": replace(_TOY, preset="toy-flux", model=world.FLUX_DIR, guidance=None, hyper="toy-flux"),
+    # real checkpoints: the paper's sampling settings (SD1.5 50 DDIM steps, CFG 7.5; FLUX-dev 28 steps, guidance 3.5),
+    # everything else given on the command line
+    "sd15": replace(_TOY, preset="sd15", model="", sample_steps=None, guidance=None, prompts="", eval_prompts="",
+                    prefs=None, reward="", hyper="sd15", steps=2000, lr=1e-4, n_eval=64, eval_seeds=1, eval_batch=4,
+                    threads=None, out="runs/sd15"),
+    "flux-dev": replace(_TOY, preset="flux-dev", model="", sample_steps=None, guidance=None, prompts="",
+                        eval_prompts="", prefs=None, reward="", hyper="flux-dev", steps=2000, lr=1e-4, n_eval=64,
+                        eval_seeds=1, eval_batch=1, threads=None, out="runs/flux-dev"),
+}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parser(description: str, exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """One flag per RunConfig field (minus `exclude`), defaults left unset so that the preset fills them."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS,
+                   help="settings to start from (default toy-sd); every flag below overrides one")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (it is refused otherwise)")
+    for f in fields(RunConfig):
+        if f.name == "preset" or f.name in exclude:
+            continue
+        kw = {"help": f.metadata.get("help", "")}
+        if f.type in ("bool",):
+            p.add_argument(f"--{flag(f.name)}", action="store_true", **kw)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{flag(f.name)}", type=kind, **kw)
+    return p
+
+
+def parse(argv=None, description: str = "", exclude: tuple[str, ...] = (), **defaults) -> tuple[RunConfig, bool, bool]:
+    """argv -> (RunConfig: the preset, then `defaults` (the script's own), then the flags given, checked; --resume;
+    --overwrite). Bad values exit 2."""
+    p = parser(description, exclude)
+    ns = vars(p.parse_args(argv))
+    given = {k: v for k, v in ns.items() if k in {f.name for f in fields(RunConfig)}}
+    try:
+        cfg = RunConfig.from_preset(given.pop("preset", "toy-sd"), **{**defaults, **given}).check()
+    except ValueError as e:
+        p.error(str(e))
+    return cfg, ns.get("resume", False), ns.get("overwrite", False)
+
+
+# ------------------------------------------------------------------------------------------- settings -> objects
+
+def read_prompts(spec: str) -> list[str]:
+    """'toy:SPLIT' (toy/world.py's splits) or a text file with one prompt per line (blank lines skipped)."""
+    if spec.startswith("toy:"):
+        return world.prompts(spec[len("toy:"):])
+    if not os.path.isfile(spec):
+        raise ValueError(f"no such prompt file: {spec}")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{spec}: not a readable UTF-8 text file: {e}") from None
+    if not lines:
+        raise ValueError(f"{spec}: no prompts")
+    return lines
+
+
+def eval_sets(cfg: RunConfig) -> dict[str, list[str]]:
+    """{name: prompts} of the held-out sets, in the order given (name: the toy split, or the file's stem); a
+    non-toy set is taken whole, a toy split shuffled with a fixed seed; both cut to --n-eval."""
+    out = {}
+    for spec in filter(None, (s.strip() for s in cfg.eval_prompts.split(","))):
+        name = spec[len("toy:"):] if spec.startswith("toy:") else os.path.splitext(os.path.basename(spec))[0]
+        ps = world.eval_prompts(name, cfg.n_eval) if spec.startswith("toy:") else read_prompts(spec)[:cfg.n_eval]
+        out[name if name not in out else f"{name}_{len(out)}"] = ps
+    return out
+
+
+def load_reward(spec: str, tokenizer: str | None = None, device="cpu", dtype: str = "float32") -> rewards.WeightedSum:
+    return rewards.parse_reward_spec(spec, tokenizer=tokenizer, device=device, dtype=getattr(torch, dtype),
+                                     registry=REWARDS)
+
+
+def load_prefs(cfg: RunConfig, train_prompts: list[str], held_out: list[str]):
+    """L_G's preference data, without the pairs of any held-out prompt that is not also a training prompt.
+
+    NOTE: L_G must not see the prompts the run is scored on: the toy pairs cover every train-split caption, so the
+    'unseen' prompts' pairs are dropped here (the paper trains on Pick-a-Pic / HPD prompts and tests on others)."""
+    import prefs
+    return prefs.Excluding(prefs.open_prefs(cfg.prefs), set(held_out) - set(train_prompts))
+
+
+def load_pipeline(cfg: RunConfig, device=None):
+    import pipeline
+    return pipeline.load(cfg.model, device or cfg.device, getattr(torch, cfg.dtype), cfg.resolution, cfg.resolution,
+                         cfg.sample_steps, cfg.guidance, cfg.tokenizer)
+
+
+def hyper_config(cfg: RunConfig):
+    """The hypernetwork's (or static LoRA's) architecture: the --hyper preset with --variant and --rank."""
+    import hyperalign
+    over = {"variant": cfg.variant, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank else {})}
+    return hyperalign.HyperConfig.preset(cfg.hyper, **over)

@@ -1,0 +1,73 @@
+"""What the hypernetwork generates, measured: does Δθ depend on the prompt and the state, or is it one static LoRA?
+
+    delta_theta(method, x_t, t, cond)   Δθ = s·B·A of every target, flattened: (B, P)
+    adaptivity(d)                       the share of E||Δθ||² that lies between inputs (0: one static LoRA for all)
+    at_x_T(method, pipe, prompts, seeds)    Δθ(x_T, T, c) over prompts x seeds, and its adaptivity   (paper Fig. 9)
+    along_trajectory(method, pipe, prompts) Δθ_t at every step of S trajectories                     (paper Fig. 8)
+
+train.py reports `adaptivity` in metrics.json; analysis.py draws Fig. 8 / 9 from the same functions.
+Shape alphabet: N sampling steps, B inputs, P flattened LoRA parameters, S seeds.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def delta_theta(method, x_t: Tensor, t: Tensor, cond) -> Tensor:
+    """Δθ of every LoRA target for each input, flattened and concatenated: (B, P). Per sample: s·B_b·A_b."""
+    factors = method.factors(x_t, t, cond)
+    return torch.cat([(method.cfg.scale * (B if B.dim() == 3 else B[None]) @ (A if A.dim() == 3 else A[None]))
+                      .flatten(1).expand(x_t.shape[0], -1) for A, B in factors.values()], dim=1)
+
+
+def adaptivity(d: Tensor) -> float:
+    """Share of the second moment of Δθ that lies between inputs: E||Δθ_i − mean Δθ||² / E||Δθ_i||², for d (B, P).
+
+    Δθ = 0 is the base model, so the second moment is taken about zero: 0 means every input gets the same LoRA (a
+    static LoRA), 1 means the LoRAs average out to nothing (pure adaptation); a LoRA that is half shared and half
+    input-specific scores about 0.5."""
+    d = d.double()
+    total = d.square().sum(-1).mean()
+    if total == 0:
+        return 0.0
+    return ((d - d.mean(0)).square().sum(-1).mean() / total).item()
+
+
+def pca(d: Tensor, k: int = 2) -> tuple[Tensor, Tensor]:
+    """Projection of the centred rows of d (B, P) on their first k principal components, (B, k), and the fraction of
+    the centred variance each explains, (k,). The sign of each component is fixed (first row >= 0): deterministic."""
+    d = d.double() - d.double().mean(0)
+    U, S, _ = torch.linalg.svd(d, full_matrices=False)
+    U = U * torch.sign(U[0:1]).where(U[0:1] != 0, torch.ones_like(U[0:1]))
+    var = S ** 2
+    return (U[:, :k] * S[:k]).float(), (var[:k] / var.sum().clamp_min(1e-30)).float()
+
+
+@torch.no_grad()
+def at_x_T(method, pipe, prompts: list[str], seeds: list[int]) -> dict:
+    """Δθ(x_T, T, c) for every (seed, prompt): {"delta": (S·B, P), "labels": (S·B,) prompt index, "adaptivity",
+    "adaptivity_prompts" (between prompts, of the mean over seeds), "xy" (S·B, 2) and "explained" (2,) of the PCA}."""
+    cond, _ = pipe.conds(prompts)
+    t0 = pipe.t_batch(pipe.timesteps()[0], len(prompts))
+    d = torch.cat([delta_theta(method, pipe.noise(len(prompts), torch.Generator().manual_seed(s)), t0, cond)
+                   for s in seeds]).double()                                        # (S·B, P)
+    xy, explained = pca(d)
+    per_prompt = d.view(len(seeds), len(prompts), -1).mean(0)                        # (B, P)
+    return {"delta": d, "labels": torch.arange(len(prompts)).repeat(len(seeds)), "xy": xy, "explained": explained,
+            "adaptivity": adaptivity(d), "adaptivity_prompts": adaptivity(per_prompt)}
+
+
+@torch.no_grad()
+def along_trajectory(method, pipe, prompts: list[str], seed: int = 0) -> dict:
+    """Δθ_t at every step of HyperAlign-S trajectories from the states the sampler visits: {"t": [N],
+    "cos_first" (N, B) = cos(Δθ_t, Δθ_first), "change" (N−1, B) = |Δθ_t − Δθ_{t−1}| / |Δθ_{t−1}|, "adaptivity" over
+    all steps and prompts}."""
+    cond, uncond = pipe.conds(prompts)
+    x_T = pipe.noise(len(prompts), torch.Generator().manual_seed(seed))
+    traj = pipe.rollout(method.sampler_model(cond, pipe.steps, "S"), x_T, cond, uncond)
+    d = torch.stack([delta_theta(method, traj["x_t"][i], pipe.t_batch(t, len(prompts)), cond)
+                     for i, t in enumerate(traj["t"])]).double()                    # (N, B, P)
+    cos = torch.nn.functional.cosine_similarity(d, d[:1].expand_as(d), dim=-1)
+    change = (d[1:] - d[:-1]).norm(dim=-1) / d[:-1].norm(dim=-1).clamp_min(1e-30)
+    return {"t": traj["t"], "cos_first": cos, "change": change, "adaptivity": adaptivity(d.flatten(0, 1))}

@@ -1,0 +1,153 @@
+"""Scoring a trained method against the base model: paired samples, intervals, labelled grids, human summaries.
+
+    evaluate(model_fn, pipe, reward, prompts, seed, judge)   base vs aligned from the same x_T, per sample
+    paired_change(name, aligned, base)                       mean paired difference and its standard error
+    t_interval(values)                                       mean and 95% t half-width over training seeds
+    labelled_grid(rows, captions)                            an image grid a person can read
+    summary(metrics, paths)                                  the short table a run ends with
+
+Shape alphabet: B images, H W size, S seeds.
+"""
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from typing import Callable
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import files
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (df > 30: the normal's 1.96 is within 4%)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    """The 95% two-sided t quantile; between table entries the next smaller df's (a slightly wider interval)."""
+    return T95[max(k for k in T95 if k <= df)] if df <= 30 else 1.96
+
+
+def t_interval(values) -> tuple[float, float]:
+    """(mean, half-width of its 95% t-interval) of a few values, e.g. one figure per training seed."""
+    v = torch.as_tensor(list(values), dtype=torch.float64)
+    if len(v) < 2:
+        return v.mean().item(), float("nan")
+    return v.mean().item(), t95(len(v) - 1) * v.std().item() / math.sqrt(len(v))
+
+
+def paired_change(name: str, aligned: torch.Tensor, base: torch.Tensor) -> dict:
+    """Mean paired difference aligned - base over the (prompt, seed) samples and its standard error: base and aligned
+    share x_T, so the paired error is the one that says whether a change within one run is real. It is not the
+    spread between training runs (t_interval over seeds says that)."""
+    d = (aligned - base).double()
+    se = d.std().item() / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return {f"{name}_change": d.mean().item(), f"{name}_change_se": se}
+
+
+@torch.no_grad()
+def evaluate(model_fn: Callable, pipe, reward, prompts: list[str], seed: int, judge=None, batch: int = 16,
+             desc: str = "evaluate") -> tuple[dict, dict]:
+    """Reward (and the toy judge) of base and aligned samples from the same x_T. `model_fn(cond)` makes the aligned
+    model callable for a batch's conditioning; the noise of the batch starting at i is seeded with seed + i, so a
+    repeated prompt gets new noise. Returns (metrics, {"base", "aligned"}: images (B, 3, H, W))."""
+    out = {"base": [], "aligned": []}
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False):
+        p = prompts[i:i + batch]
+        cond, uncond = pipe.conds(p)
+        x_T = pipe.noise(len(p), torch.Generator().manual_seed(seed + i))
+        base = pipe.rollout(pipe.backbone, x_T, cond, uncond, trajectory=False)
+        aligned = pipe.rollout(model_fn(cond), x_T, cond, uncond, trajectory=False)
+        out["base"].append(pipe.decode(base))
+        out["aligned"].append(pipe.decode(aligned))
+    images = {k: torch.cat(v).float().cpu() for k, v in out.items()}
+    scores = {f"reward_{k}": reward(v.to(pipe.device), prompts).float().cpu() for k, v in images.items()}
+    if judge is not None:  # the toy world's ground truth: overall success, and each part (count, colour, ...)
+        for k, v in images.items():
+            parts = judge(v, prompts)
+            scores[f"judge_{k}"] = parts["overall"].float()
+            scores[f"judge_{k}_parts"] = {name: s.float().mean().item() for name, s in parts.items()}
+    m = {k: v if isinstance(v, dict) else v.mean().item() for k, v in scores.items()}
+    for name in ("reward", "judge"):
+        if f"{name}_base" in scores:
+            m.update(paired_change(name, scores[f"{name}_aligned"], scores[f"{name}_base"]))
+    m["n"] = len(prompts)
+    return m, images
+
+
+def evaluate_sets(method, pipe, reward, sets: dict[str, list[str]], seeds: int, seed: int, judge=None,
+                  batch: int = 16) -> tuple[dict, tuple]:
+    """Every held-out set x `seeds` samples per prompt, base vs `method` from the same x_T (set j's noise seeded from
+    10000 (j + 1) + seed): ({set: metrics}, (the first set's prompts, its images))."""
+    out, first = {}, None
+    for j, (name, ps) in enumerate(sets.items()):
+        m, images = evaluate(lambda cond: method.sampler_model(cond, pipe.steps), pipe, reward, ps * seeds,
+                             seed=10_000 * (j + 1) + seed, judge=judge, batch=batch, desc=f"evaluate {name}")
+        out[name] = m
+        first = first or (ps, images)
+    return out, first
+
+
+def write_results(out: str, metrics: dict, first) -> list[str]:
+    """OUT/metrics.json and OUT/samples.png (the first held-out set's first 8 prompts, base above aligned)."""
+    paths = [os.path.join(out, "metrics.json"), os.path.join(out, "samples.png")]
+    files.write_json(paths[0], metrics)
+    ps, images = first
+    n = min(8, len(ps))
+    grid = labelled_grid({"base": images["base"][:n], "aligned": images["aligned"][:n]}, ps[:n],
+                         title=f"{metrics['method']}, {metrics['steps']} steps: base vs aligned, same x_T")
+    files.save_image(paths[1], grid)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------- grids
+
+def labelled_grid(rows: dict[str, torch.Tensor], captions: list[str], min_width: int = 768,
+                  title: str = "") -> Image.Image:
+    """Rows of images (each (B, 3, H, W) in [0, 1]) as one picture: nearest-upscaled to at least `min_width` pixels,
+    the row names on the left, each column's caption above it (wrapped)."""
+    names = list(rows)
+    B, _, H, W = rows[names[0]].shape
+    scale = max(1, math.ceil(min_width / (B * W)))
+    h, w = H * scale, W * scale
+    font = ImageFont.load_default()
+    char_w = max(6, font.getbbox("x")[2])
+    line_h = font.getbbox("Ay")[3] + 3
+    wrapped = [textwrap.wrap(c, max(8, (w - 4) // char_w)) for c in captions[:B]]
+    label_w = max(font.getbbox(n)[2] for n in names) + 12
+    top = (1 + max(len(x) for x in wrapped)) * line_h + (line_h + 4 if title else 0)
+    canvas = Image.new("RGB", (label_w + B * (w + 4), top + len(names) * (h + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for c, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            draw.text((label_w + c * (w + 4) + 2, top - (len(lines) - j + 0.5) * line_h), line, fill="black", font=font)
+    for r, name in enumerate(names):
+        y = top + r * (h + 4)
+        draw.text((4, y + h // 2 - line_h // 2), name, fill="black", font=font)
+        for c in range(B):
+            img = (rows[name][c].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            canvas.paste(Image.fromarray(img).resize((w, h), Image.NEAREST), (label_w + c * (w + 4), y))
+    return canvas
+
+
+# --------------------------------------------------------------------------------------------------------- summary
+
+def summary(sets: dict[str, dict], paths: list[str] | None = None) -> str:
+    """The short table a run ends with: per held-out set, reward and judge base -> aligned, the paired change with
+    its 95% interval (± 1.96 SE within this run), and the files written."""
+    lines = [f"{'held-out set':<14} {'n':>5}  {'metric':<7} {'base':>8} {'aligned':>8}  {'change (95% CI)':>22}"]
+    for name, m in sets.items():
+        for what in ("reward", "judge"):
+            if f"{what}_base" not in m:
+                continue
+            d, se = m[f"{what}_change"], m[f"{what}_change_se"]
+            lines.append(f"{name:<14} {m.get('n', 0):>5}  {what:<7} {m[f'{what}_base']:>8.4f} "
+                         f"{m[f'{what}_aligned']:>8.4f}  {d:>+9.4f} ± {1.96 * se:.4f}")
+    if paths:
+        lines.append("wrote " + ", ".join(paths))
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The toy world's preference pairs (L_G's data and the toy preference model's training set), in Pick-a-Pic v2
+layout so that prefs.py reads them as it reads the real thing.
+
+Shape alphabet: B batch, H, W image size.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from toy import world
+
+# NOTE: the rejected images cover the two things people mark down in real preference data: quality (blur, noise,
+# washed-out, a colour cast, blotchy off-palette colours) and alignment (a wrong attribute or relation, a missing
+# object). Without the last two kinds the preference model cannot see the errors reward hacking makes on the toy
+# (objects that split into off-colour blotches or vanish); with them its score falls on hacked samples.
+DEGRADATIONS = ("blur", "noise", "washed", "cast", "wrong", "missing", "tint")
+
+
+def degrade(caption: str, seed: int, kind: str, rng: random.Random):
+    """The rejected image of a pair: the clean render degraded, a render of a wrong-attribute twin caption, or the
+    same layout with one object left out."""
+    from PIL import ImageFilter
+    if kind == "wrong":
+        return world.render(world.twin(caption, rng), seed)
+    if kind == "missing":  # a one-object caption leaves the empty canvas
+        return world.render(caption, seed, omit=rng.randrange(len(world.parse(caption).objects)))
+    img = world.render(caption, seed)
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 1.5)))
+    x = world.to_tensor([img])
+    g = torch.Generator().manual_seed(seed)
+    if kind == "noise":
+        x = x + rng.uniform(0.08, 0.2) * torch.randn(x.shape, generator=g)
+    elif kind == "washed":
+        a = rng.uniform(0.3, 0.6)
+        x = (1 - a) * x + a * 0.5
+    elif kind == "cast":  # on one channel, over the whole image
+        x[:, rng.randrange(3)] += rng.uniform(0.25, 0.5)
+    else:  # tint: the objects pulled towards another palette colour by a smooth random amount (blotches)
+        amount = rng.uniform(0.3, 0.7) * F.interpolate(torch.rand(1, 1, 4, 4, generator=g), size=x.shape[-2:],
+                                                       mode="bilinear", align_corners=False)
+        target = torch.tensor(world.PALETTE[rng.choice(world.COLOURS)]).view(1, 3, 1, 1) / 255
+        x = x + (x.amax(1, keepdim=True) > 0.2) * amount * (target - x)
+    return world.to_pil(x.clamp(0, 1))[0]
+
+
+def make_pairs(n: int, split: str, seed: int) -> list[tuple[str, object, object, str]]:
+    """n (caption, chosen, rejected, kind) with PIL images; kinds cycle through DEGRADATIONS."""
+    rng, ps = random.Random(seed), world.prompts(split)
+    out = []
+    for i in range(n):
+        c, kind = rng.choice(ps), DEGRADATIONS[i % len(DEGRADATIONS)]
+        out.append((c, world.render(c, seed * 10**6 + i), degrade(c, seed * 10**6 + i, kind, rng), kind))
+    return out
+
+
+def write_prefs_parquet(pairs, path: str, seed: int) -> None:
+    """Pick-a-Pic v2 layout: caption, jpg_0, jpg_1 (image bytes; PNG here, lossless), label_0, label_1."""
+    import io
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    rng, rows = random.Random(seed), []
+    for caption, chosen, rejected, _ in pairs:
+        first = rng.random() < 0.5       # the preferred image on either side, as in Pick-a-Pic
+        a, b = (chosen, rejected) if first else (rejected, chosen)
+        rows.append({"caption": caption, "jpg_0": png(a), "jpg_1": png(b), "label_0": float(first),
+                     "label_1": float(not first)})
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=512)
