@@ -13,7 +13,6 @@ Shape alphabet: N sampling steps, B trajectories (prompts x seeds), P flattened 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -95,7 +94,15 @@ def curvature_data(pipe: pipeline.Pipeline, prompts: list[str], k: int = 3, seed
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    try:
+        run(argv)
+    except ValueError as e:  # a bad run folder, prompt file or model: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(argv=None) -> None:
+    p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--hyper", required=True, help="a trained run folder (train.py --variant S --out DIR)")
     p.add_argument("--prompts", default="toy:unseen", help="prompts: a text file, one per line, or toy:SPLIT")
     p.add_argument("--n-prompts", type=int, default=8)
@@ -137,8 +144,4 @@ def world_sample(prompts: list[str], n: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -139,10 +140,18 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: ...` on stderr and exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (--help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser(description: str, exclude: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """One flag per RunConfig field (minus `exclude`), defaults left unset so that the preset fills them."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=PRESET_NAMES, default=argparse.SUPPRESS,
                    help="settings to start from (default toy-sd); every flag below overrides one")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

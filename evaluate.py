@@ -254,7 +254,7 @@ def claims(rows: list[dict], reward_key: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = config.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="toy-sd,toy-flux", help="comma-separated toy models (toy-sd, toy-flux)")
     p.add_argument("--model", default=None, help="a real SD1.5 / FLUX path instead of the toy models")
     p.add_argument("--reward", default=None, help="reward spec to train/score with (toy: toy-pref) (rewards.py)")
@@ -295,6 +295,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    try:
+        run(argv)
+    except ValueError as e:  # bad input: paths, specs, run folders; one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(argv=None) -> None:
     import pipeline
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -347,8 +355,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

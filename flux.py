@@ -44,6 +44,10 @@ class FluxConfig:
 
     def __post_init__(self):
         self.axes_dim = tuple(self.axes_dim)
+        sizes = (self.in_channels, self.out_channels, self.vec_in_dim, self.context_in_dim, self.hidden_size,
+                 self.num_heads)
+        if not all(isinstance(v, int) and v > 0 for v in sizes) or self.depth < 0 or self.depth_single_blocks < 0:
+            raise ValueError(f"sizes and head counts must be positive integers, got {sizes}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):

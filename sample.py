@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+import config
 import files
 import pipeline
 import runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = config.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="diffusers pipeline folder or single file (default: the --hyper "
                    "run's model)")
     p.add_argument("--prompt", required=True)

@@ -41,6 +41,17 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
 
+    def __post_init__(self):
+        ch, n = self.block_out_channels, len(self.block_out_channels)
+        if not (n and all(isinstance(c, int) and c > 0 for c in ch) and self.layers_per_block >= 1):
+            raise ValueError(f"block_out_channels {ch} and layers_per_block {self.layers_per_block} describe no U-Net")
+        if not (len(self.cross_attn) == len(self.num_heads) == len(self.transformer_layers) == n):
+            raise ValueError(f"per-level settings must have {n} entries (one per level)")
+        bad = [(c, h) for c, h in zip(ch, self.num_heads) if not (isinstance(h, int) and h > 0 and c % h == 0)]
+        if bad or any(c % self.norm_num_groups for c in ch):
+            raise ValueError(f"attention heads {self.num_heads} / norm groups {self.norm_num_groups} do not divide "
+                             f"the channels {ch}")
+
     @classmethod
     def preset(cls, name: str) -> "UNetConfig":
         if name not in PRESETS:

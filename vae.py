@@ -32,6 +32,13 @@ class VAEConfig:
     mid_block_add_attention: bool = True
     sample_size: int | None = None      # image size the model was trained at (diffusers' key; informational)
 
+    def __post_init__(self):
+        ch = self.block_out_channels
+        if not (ch and all(isinstance(c, int) and c > 0 for c in ch) and self.layers_per_block >= 1
+                and self.latent_channels >= 1 and all(c % self.norm_num_groups == 0 for c in ch)):
+            raise ValueError(f"block_out_channels {ch}, latent_channels {self.latent_channels}, norm_num_groups "
+                             f"{self.norm_num_groups} describe no VAE")
+
     @classmethod
     def preset(cls, name: str) -> "VAEConfig":
         if name not in PRESETS:

@@ -231,6 +231,19 @@ def read_model_folder(folder: str) -> dict[str, torch.Tensor]:
     return read_safetensors(folder)
 
 
+def model_config(parse: Callable[[dict], object], cfg: dict, folder: str, need=("block_out_channels",)):
+    """A model config from a config.json dict; a missing size (`need`) or settings that describe no model (0 heads,
+    widths that do not divide) are one WeightsError naming the file, not a default or a traceback."""
+    path = os.path.join(folder, "config.json")
+    missing = [k for k in need if k not in cfg]
+    if missing:
+        raise WeightsError(f"{path}: missing {', '.join(missing)}")
+    try:
+        return parse(cfg)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise WeightsError(f"{path}: {e}") from None
+
+
 def _sub(path: str, name: str) -> str:
     """`path` itself, or its `name/` subfolder when `path` is a whole pipeline folder."""
     return os.path.join(path, name) if os.path.isdir(os.path.join(path, name)) else path
@@ -243,7 +256,7 @@ def load_unet(path: str, dtype: torch.dtype | None = None, device: str | torch.d
     from unet import UNet, UNetConfig
     if os.path.isdir(path):
         path = _sub(path, "unet")
-        cfg = UNetConfig.from_diffusers(read_config(path))
+        cfg = model_config(UNetConfig.from_diffusers, read_config(path), path)
         sd = read_model_folder(path)
     else:
         cfg = config or UNetConfig.preset("sd15")
@@ -287,7 +300,7 @@ def load_vae(path: str, dtype: torch.dtype | None = None, device: str | torch.de
     from vae import AutoencoderKL, VAEConfig
     if os.path.isdir(path):
         path = _sub(path, "vae")
-        cfg = VAEConfig.from_diffusers(read_config(path))
+        cfg = model_config(VAEConfig.from_diffusers, read_config(path), path)
         sd = read_model_folder(path)
     else:
         full = read_safetensors(path)

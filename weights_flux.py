@@ -94,7 +94,7 @@ def flux_config_from_diffusers(cfg: Mapping) -> FluxConfig:
                           depth_single_blocks=cfg.get("num_single_layers", 38),
                           axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
                           guidance_embed=bool(cfg.get("guidance_embeds", False)))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise WeightsError(f"FLUX transformer config: {e}") from None
 
 
