@@ -11,13 +11,14 @@
     flow (FLUX):  x_t = (1 - t) x0 + t eps, t in [0, 1]; cond = sampler.flux_cond dict; x are packed tokens;
                   FLUX predicts the velocity v = eps - x0.
 
-Shape alphabet: B batch, L feature tokens, F feature width, E embedding width.
+Shape alphabet: B batch, L feature tokens, F feature width, S text tokens, E embedding width.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -25,6 +26,19 @@ import lora
 import sampler
 
 KINDS = ("vp", "flow")
+POOL = 8          # perception features are pooled to at most POOL x POOL tokens per level (SD1.5 at 512 px: 64x64)
+
+
+def pool_tokens(x: Tensor, n: int = POOL * POOL) -> Tensor:
+    """(B, L, F) tokens -> at most n tokens: a square grid is pooled in 2D, any other sequence in 1D (row order)."""
+    L = x.shape[1]
+    if L <= n:
+        return x
+    side = int(round(L ** 0.5))
+    if side * side == L:
+        grid = rearrange(x, "B (h w) F -> B F h w", h=side)
+        return rearrange(F.adaptive_avg_pool2d(grid, POOL), "B F h w -> B (h w) F")
+    return F.adaptive_avg_pool1d(x.transpose(1, 2), n).transpose(1, 2)
 
 
 @dataclass
@@ -68,21 +82,35 @@ class Backbone:
         return self.forward(None, x_t, t, cond)
 
     @torch.no_grad()
-    def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[Tensor, Tensor]:
-        """Perception encoder E(x_t, t, c) -> tokens (B, L, F), embedding (B, E). Frozen: never any gradient."""
-        if self.kind == "vp":
-            h, _, emb = self.model.down(*self.inputs(x_t, t, cond))       # h (B, C, h, w), emb (B, 4 C0)
-            return rearrange(h, "B C h w -> B (h w) C"), emb
-        # NOTE: the paper does not say what encodes x_t for FLUX; ours: the frozen embedders plus the first
-        # `encoder_depth` double-stream blocks, image and text tokens together, and the vector embedding.
-        img, txt, vec, _ = self.model.forward_features(*self.inputs(x_t, t, cond), depth=self.encoder_depth)
-        return torch.cat([txt, img], dim=1), vec                            # (B, L_txt + L_img, W), (B, W)
+    def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Perception encoder E(x_t, t, c), frozen: (levels, text, emb).
 
-    def feature_dims(self) -> tuple[int, int]:
+        levels  [(B, L_i, F_i)]: vp: the output of every down level of the U-Net (the cross-attention levels and the
+                last one), each average-pooled to at most POOL x POOL tokens; flow: the image and text streams after
+                the first `encoder_depth` double-stream blocks, each pooled to at most POOL² tokens
+        text    (B, S, E): the prompt's own text tokens (CLIP context for SD, T5 states for FLUX)
+        emb     (B, E'): the time embedding (FLUX: time + pooled text + guidance, the modulation vector)
+        """
         if self.kind == "vp":
-            c = self.model.config
-            return c.block_out_channels[-1], 4 * c.block_out_channels[0]
-        return self.model.config.hidden_size, self.model.config.hidden_size
+            args = self.inputs(x_t, t, cond)
+            _, skips, emb = self.model.down(*args)
+            L = self.model.config.layers_per_block
+            # skips = [conv_in] + per level: its L outputs (+ the down-sampled one); level i's output is index i (L+1) + L
+            outs = [skips[i * (L + 1) + L] for i in range(len(self.model.config.block_out_channels))]
+            levels = [rearrange(F.adaptive_avg_pool2d(h, (min(POOL, h.shape[-2]), min(POOL, h.shape[-1]))),
+                                "B C h w -> B (h w) C") for h in outs]
+            return levels, args[2], emb
+        # NOTE: the paper does not say what encodes x_t for FLUX; ours: the frozen embedders plus the first
+        # `encoder_depth` double-stream blocks, image and text tokens, and the modulation vector.
+        img, txt, vec, _ = self.model.forward_features(*self.inputs(x_t, t, cond), depth=self.encoder_depth)
+        return [pool_tokens(img), pool_tokens(txt)], cond["txt"].to(self.dtype), vec
+
+    def feature_dims(self) -> tuple[list[int], int, int]:
+        """Widths of (levels, text, emb) as `features` returns them."""
+        c = self.model.config
+        if self.kind == "vp":
+            return list(c.block_out_channels), c.cross_attention_dim, 4 * c.block_out_channels[0]
+        return [c.hidden_size, c.hidden_size], c.context_in_dim, c.hidden_size
 
     # ---- the process's algebra (t is a (B,) tensor of model times)
 

@@ -220,9 +220,12 @@ def load_reward(spec: str, tokenizer: str | None = None, device="cpu", dtype: st
 def load_prefs(cfg: RunConfig, train_prompts: list[str], held_out: list[str]):
     """L_G's preference data, without the pairs of any held-out prompt that is not also a training prompt.
 
-    NOTE: L_G must not see the prompts the run is scored on: the toy pairs cover every train-split caption, so the
-    'unseen' prompts' pairs are dropped here (the paper trains on Pick-a-Pic / HPD prompts and tests on others)."""
+    NOTE: L_G must not see the prompts the run is scored on (the paper trains on Pick-a-Pic / HPD prompts and tests
+    on others). The toy pairs cover every train-split caption, so with toy training prompts every prompt the toy world
+    holds out of training (its 'val', 'unseen' and 'heldout' splits) is dropped, whichever set this run scores."""
     import prefs
+    if cfg.prompts.startswith("toy:"):
+        held_out = [*held_out, *world.prompts("val"), *world.prompts("unseen"), *world.prompts("heldout")]
     return prefs.Excluding(prefs.open_prefs(cfg.prefs), set(held_out) - set(train_prompts))
 
 

@@ -8,7 +8,7 @@ model from the current state (x_t, t, c), trained with a reward loss regularised
 
 Sections:
   # ---- config        HyperConfig and named presets
-  # ---- hypernetwork  the decoder with one query token per target layer, and the LoRA head (Δθ = 0 at init)
+  # ---- hypernetwork  the decoder with one query token per target layer, and the generated LoRA (Δθ = 0 at init)
   # ---- variants      S / I / P: the one segment rule, the sampler-facing model, P's key steps
   # ---- losses        L_R (Eq. 8), L_G (Eq. 9), one training step of L = L_R + λ L_G (Eq. 10)
 
@@ -18,7 +18,7 @@ N sampling steps.
 """
 from __future__ import annotations
 
-import math
+import copy
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -121,46 +121,70 @@ class DecoderLayer(nn.Module):
         return q + self.mlp(self.ln_3(q))
 
 
-class HyperNet(nn.Module):
-    """The trainable part of HyperAlign (Fig. 3): Linear -> transformer decoder -> Linear -> LoRA factors (Eq. 7).
+class Decoder(nn.Module):
+    """Features -> one R x R core M_T per target layer (paper Eq. 7: Linear -> transformer decoder -> Linear).
 
-    One query token per target layer; the queries are zero-initialised (as in the paper) plus learned positions, so
-    the tokens can tell the layers apart. The head maps token T to a small (R, R) matrix M_T and the LoRA of target T is
-
-        A_T = (I + M_T) A_aux_T  (R, I),   B_T = B_aux_T  (O, R),   Δθ_T = s B_T A_T
-
-    NOTE: the paper's head "maps decoded features to LoRA weights"; emitting full (O + I) x R factors per layer would
-    need a head of ~10^8 parameters for SD1.5. Like a third-party replication we factor through per-target matrices
-    (A_aux random, B_aux zero-initialised, both trained), so Δθ = 0 exactly at initialisation while the head still
-    makes every layer's update depend on (x_t, t, c).
+    Memory (keys / values): every feature level and the prompt's text tokens, each projected by its own Linear, and
+    the time embedding as one more token; a learned embedding per source tells them apart (Fig. 3's "Linear").
+    Queries: one per target layer, zero-initialised (as in the paper) plus a learned position, so that the tokens can
+    tell the layers apart. Head: token T -> M_T.
     """
-    def __init__(self, cfg: HyperConfig, targets: list[lora.Target], feat_dim: int, emb_dim: int):
+    def __init__(self, cfg: HyperConfig, n_targets: int, level_dims: list[int], text_dim: int, emb_dim: int):
         super().__init__()
-        self.cfg, self.targets = cfg, list(targets)
-        D, R, T = cfg.d_model, cfg.rank, len(targets)
-        self.proj = nn.Linear(feat_dim, D)                        # encoded features -> keys / values
-        self.proj_emb = nn.Linear(emb_dim, D)                     # time (+ pooled text) embedding -> one more token
-        self.queries = nn.Parameter(torch.zeros(T, D))            # zero-initialised query tokens
-        self.pos = nn.Parameter(0.02 * torch.randn(T, D))        # learned positions: which layer a token is for
+        D, R, T = cfg.d_model, cfg.rank, n_targets
+        self.rank = R
+        self.proj = nn.ModuleList([nn.Linear(d, D) for d in [*level_dims, text_dim, emb_dim]])
+        self.source = nn.Parameter(0.02 * torch.randn(len(self.proj), D))   # which source a memory token is from
+        self.queries = nn.Parameter(torch.zeros(T, D))                         # zero-initialised query tokens
+        self.pos = nn.Parameter(0.02 * torch.randn(T, D))                     # which target layer a query is for
         self.layers = nn.ModuleList([DecoderLayer(D, cfg.n_head) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(D)
-        self.head = nn.Linear(D, R * R)
-        nn.init.normal_(self.head.weight, std=0.02 / math.sqrt(D)), nn.init.zeros_(self.head.bias)
-        self.a_aux = nn.ParameterList([nn.Parameter(torch.randn(R, t.in_features) / math.sqrt(t.in_features))
-                                       for t in targets])
-        self.b_aux = nn.ParameterList([nn.Parameter(torch.zeros(t.out_features, R)) for t in targets])
+        self.head = nn.Linear(D, R * R, bias=False)
 
-    def forward(self, tokens: Tensor, emb: Tensor) -> lora.Factors:
-        """Encoded features -> {target: (A (B, R, I), B (B, O, R))}."""
-        dtype = self.proj.weight.dtype
-        kv = torch.cat([self.proj(tokens.to(dtype)), self.proj_emb(emb.to(dtype))[:, None]], dim=1)  # (B, L+1, D)
-        q = (self.queries + self.pos).expand(kv.shape[0], -1, -1)                                    # (B, T, D)
+    def forward(self, levels: list[Tensor], text: Tensor, emb: Tensor) -> Tensor:
+        """-> M (B, T, R, R)."""
+        dtype = self.head.weight.dtype
+        sources = [*levels, text, emb[:, None]]                                              # each (B, L_j, F_j)
+        kv = torch.cat([p(x.to(dtype)) + self.source[j] for j, (p, x) in enumerate(zip(self.proj, sources))], 1)
+        q = (self.queries + self.pos).expand(kv.shape[0], -1, -1)                           # (B, T, D)
         for layer in self.layers:
-            q = layer(q, kv)
-        R = self.cfg.rank
-        M = rearrange(self.head(self.ln_f(q)), "B T (R S) -> B T R S", R=R)                         # (B, T, R, R)
-        M = M + torch.eye(R, device=M.device, dtype=M.dtype)
-        return {t.name: (M[:, i] @ self.a_aux[i], self.b_aux[i].expand(M.shape[0], -1, -1))
+            q = layer(q, kv)                                                                # kv (B, L, D)
+        return rearrange(self.head(self.ln_f(q)), "B T (R S) -> B T R S", R=self.rank)
+
+
+class HyperNet(nn.Module):
+    """The trainable part of HyperAlign (Fig. 3): the decoder, and per target layer T the LoRA
+
+        Δθ_T(x) = s · B_T · M_T(x) · A_T,     M(x) = decoder(x) − decoder₀(x)
+
+    A_T (R, I) and B_T (O, R) are learned, unit-norm rows / columns at initialisation; M_T(x) (R, R) is the only part
+    that sees the input, so every number of Δθ is generated: there is no static LoRA beside it (a constant Δθ has to be
+    generated like any other). decoder₀ is a frozen copy of the decoder as initialised, so Δθ = 0 exactly at
+    initialisation (the aligned model starts as the base model) for every input.
+    NOTE: the paper's head "maps decoded features to LoRA weights"; emitting full (O + I) x R factors per layer would
+    need a head of ~10^8 parameters for SD1.5, so, like a third-party replication, we factor the LoRA through learned
+    per-target matrices and generate the small core. Zeroing a factor instead of subtracting the initial decoder (our
+    first design: B zero-initialised) blocks every gradient before that factor at the start, and left the LoRA mostly
+    static (PCA of Δθ over inputs: first component 99.8%); with the subtraction every decoder weight gets a gradient
+    from the first step. The frozen copy doubles the decoder's forward cost, small beside the perception encoder.
+    """
+    def __init__(self, cfg: HyperConfig, targets: list[lora.Target], level_dims: list[int], text_dim: int,
+                 emb_dim: int):
+        super().__init__()
+        self.cfg, self.targets, R = cfg, list(targets), cfg.rank
+        self.decoder = Decoder(cfg, len(targets), level_dims, text_dim, emb_dim)
+        self.decoder0 = copy.deepcopy(self.decoder).requires_grad_(False)            # decoder₀: frozen at init
+        self.a = nn.ParameterList([nn.Parameter(F.normalize(torch.randn(R, t.in_features), dim=1))
+                                   for t in targets])
+        self.b = nn.ParameterList([nn.Parameter(F.normalize(torch.randn(t.out_features, R), dim=0))
+                                   for t in targets])
+
+    def forward(self, levels: list[Tensor], text: Tensor, emb: Tensor) -> lora.Factors:
+        """Encoded features -> {target: (M A (B, R, I), B (B, O, R))}: the LoRA of each target, per sample."""
+        with torch.no_grad():
+            M0 = self.decoder0(levels, text, emb)
+        M = self.decoder(levels, text, emb) - M0                                             # (B, T, R, R)
+        return {t.name: (M[:, i] @ self.a[i], self.b[i].expand(M.shape[0], -1, -1))
                 for i, t in enumerate(self.targets)}
 
 
@@ -180,8 +204,7 @@ class HyperAlign(nn.Module):
         targets = frozen_targets(cfg, backbone)
         self.cfg, self.backbone = cfg, backbone
         backbone.encoder_depth = cfg.encoder_depth
-        feat_dim, emb_dim = backbone.feature_dims()
-        self.hypernet = HyperNet(cfg, targets, feat_dim, emb_dim)
+        self.hypernet = HyperNet(cfg, targets, *backbone.feature_dims())
 
     def factors(self, x_t: Tensor, t: Tensor, cond, net: nn.Module | None = None) -> lora.Factors:
         """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample. `net`: the hypernetwork wrapped for DDP (training)."""
@@ -211,7 +234,8 @@ def count_params(cfg: HyperConfig, make_model: Callable[[], nn.Module], **backbo
         if cfg.backbone == "vp" and "schedule" not in backbone_kw:
             import sampler
             backbone_kw["schedule"] = sampler.VPSchedule.from_config(None)
-        return sum(p.numel() for p in HyperAlign(cfg, Backbone(cfg.backbone, model, **backbone_kw)).parameters())
+        net = HyperAlign(cfg, Backbone(cfg.backbone, model, **backbone_kw)).hypernet
+        return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------------------- variants
@@ -256,12 +280,16 @@ class Modulated:
         self.key_steps = ha.cfg.key_steps_for(steps)
         self.n = (cond["txt"] if isinstance(cond, dict) else cond).shape[0]
         self.step, self.calls, self._params = 0, 0, None
+        self.keep, self.made = False, []          # keep=True: every LoRA made, [(step, factors)] (export_lora.py)
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         if lora_step(self.variant, self.step, self.key_steps) == self.step:
             self.calls += 1
-            self._params = self.ha.merged(self.ha.factors(x_t[:self.n], t[:self.n], self.cond))
+            factors = self.ha.factors(x_t[:self.n], t[:self.n], self.cond)
+            if self.keep:
+                self.made.append((self.step, factors))
+            self._params = self.ha.merged(factors)
         self.step += 1
         return self.ha.backbone.forward(self._params, x_t, t, cond)
 
@@ -292,13 +320,22 @@ def calibrate(ha: HyperAlign, pipe: "Pipeline", prompts: list[str], k: int, seed
 
 
 def key_steps(x0_hats: Tensor, k: int) -> list[int]:
-    """P's segment starts: step 0 plus the k steps of largest mean curvature over base trajectories, sorted (ties:
-    the earlier step), deterministic. kappa_i is charged to step i + 1, where the prediction has turned.
+    """P's segment starts: step 0 plus k steps of large mean curvature over base trajectories, sorted, deterministic.
+
+    kappa_i is charged to step i + 1, where the prediction has turned. Steps are taken in order of curvature (ties:
+    the earlier step), skipping any closer than gap = max(1, N // (2 (k + 1))) steps to one already taken, so that the
+    segments are not a run of one-step segments where the curvature is high (the first steps, on every toy model).
     NOTE: the paper plots delta and speaks of a 'curvature rate' without the exact rule; this is ours.
     """
+    N = x0_hats.shape[0]
     kappa = curvature(x0_hats)[1].mean(dim=1)                                    # (N-2,)
-    ranked = sorted(range(len(kappa)), key=lambda i: (-round(kappa[i].item(), 12), i))
-    return sorted({0, *[i + 1 for i in ranked[:k]]})
+    gap, chosen = max(1, N // (2 * (k + 1))), [0]
+    for i in sorted(range(len(kappa)), key=lambda i: (-round(kappa[i].item(), 12), i)):
+        if len(chosen) == k + 1:
+            break
+        if all(abs(i + 1 - s) >= gap for s in chosen):
+            chosen.append(i + 1)
+    return sorted(chosen)
 
 
 # ------------------------------------------------------------------------------------------------------------ losses

@@ -234,6 +234,19 @@ def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, rewar
 
 # ------------------------------------------------------------------------------------------------------- whole runs
 
+def adaptivity(method, pipe, prompts: list[str], n_prompts: int = 16, seeds: int = 4) -> dict:
+    """How much of Δθ lies between inputs (diagnostics.adaptivity): at x_T over prompts x seeds (and between prompts
+    alone), and for S over every step of the trajectories too. 0 is a static LoRA."""
+    import diagnostics
+    ps = prompts[:n_prompts]
+    at = diagnostics.at_x_T(method, pipe, ps, list(range(seeds)))
+    out = {"x_T": at["adaptivity"], "prompts": at["adaptivity_prompts"], "pca_first": at["explained"][0].item(),
+           "n": f"{len(ps)} prompts x {seeds} seeds"}
+    if method.cfg.variant == "S":
+        out["trajectory"] = diagnostics.along_trajectory(method, pipe, ps)["adaptivity"]
+    return out
+
+
 @dataclass
 class Inputs:
     """Everything a run reads, loaded and checked before its folder is touched."""
@@ -296,17 +309,18 @@ def finish(method, module: torch.nn.Module, cfg: RunConfig, inp: Inputs, name: s
     distributed.close()
     metrics = {"method": name, "steps": cfg.steps, "seed": cfg.seed, "reward": cfg.reward,
                "key_steps": list(method.cfg.key_steps_for(inp.pipe.steps)) if method.cfg.variant == "P" else [],
-               "trainable_params": sum(p.numel() for p in module.parameters())}
+               "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
     if cfg.no_eval or not inp.ctx.main:
         return metrics
     t0 = time.time()
+    metrics["adaptivity"] = adaptivity(method, inp.pipe, next(iter(inp.sets.values())))
     metrics["eval"], first = scoring.evaluate_sets(method, inp.pipe, inp.reward, inp.sets, cfg.eval_seeds, cfg.seed,
                                                    inp.judge, cfg.eval_batch)
     metrics["time_s"] = {**times, "evaluate": round(time.time() - t0, 1)}
     paths = scoring.write_results(cfg.out, metrics, first)
     print(f"\n{name}: {cfg.steps} steps in {times.get('train', 0):.0f} s, evaluated in "
           f"{metrics['time_s']['evaluate']:.0f} s (reward {cfg.reward}; change = aligned - base, same x_T)")
-    print(scoring.summary(metrics["eval"], paths))
+    print(scoring.summary(metrics["eval"], paths, metrics["adaptivity"]))
     return metrics
 
 

@@ -1,6 +1,7 @@
 """Scoring a trained method against the base model: paired samples, intervals, labelled grids, human summaries.
 
     evaluate(model_fn, pipe, reward, prompts, seed, judge)   base vs aligned from the same x_T, per sample
+    measure(generate, pipe, prompts, seeds, reward, judge)    one method's samples and every metric (the tables)
     paired_change(name, aligned, base)                       mean paired difference and its standard error
     t_interval(values)                                       mean and 95% t half-width over training seeds
     labelled_grid(rows, captions)                            an image grid a person can read
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
+import time
 from typing import Callable
 
 import torch
@@ -103,6 +105,87 @@ def write_results(out: str, metrics: dict, first) -> list[str]:
     return paths
 
 
+# ------------------------------------------------------------------------------------------------- one method measured
+
+def saturation(images: torch.Tensor) -> torch.Tensor:
+    """Mean HSV saturation (max − min) / max of the non-background pixels (value > 0.1), per image: (B,)."""
+    mx, mn = images.amax(1), images.amin(1)                                    # (B, H, W)
+    fg = (mx > 0.1).float()
+    s = (mx - mn) / mx.clamp_min(1e-6)
+    return (s * fg).sum((1, 2)) / fg.sum((1, 2)).clamp_min(1)
+
+
+def diversity(emb: torch.Tensor) -> float:
+    """emb (S seeds, P prompts, D) unit vectors -> mean over prompts of the mean pairwise cosine distance."""
+    S = emb.shape[0]
+    if S < 2:
+        return float("nan")
+    cos = torch.einsum("spd,qpd->psq", emb, emb)                                 # (P, S, S)
+    off = ~torch.eye(S, dtype=torch.bool)
+    return (1 - cos[:, off]).mean().item()
+
+
+def clip_embedder(reward) -> Callable | None:
+    """The image encoder of the first CLIP-style reward inside `reward` (for diversity), or None."""
+    import rewards
+    parts = reward.rewards.values() if isinstance(reward, rewards.WeightedSum) else [reward]
+    for r in parts:
+        base = getattr(r, "base", r)
+        if isinstance(base, rewards.CLIPReward):
+            return base.encode_images
+    return None
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(generate: Callable, pipe, prompts: list[str], seeds: list[int], reward, judge=None,
+            embed: Callable | None = None, batch: int = 16, time_reps: int = 3, desc: str = "measure"
+            ) -> tuple[dict, torch.Tensor]:
+    """One method over prompts x sample seeds, then scored: (metrics, images (S, P, 3, H, W)).
+
+    `generate(prompts, x_T, seed) -> images`; x_T of the batch starting at i is seeded with seed + i for every method,
+    so that every row of a table is scored on the same samples (paired). Metrics: the mean of every reward part
+    ("reward/NAME"), the judge's parts ("judge/NAME", position over relational prompts), saturation, diversity
+    across seeds, and seconds per image: the fastest of `time_reps` timed runs of the first batch.
+    NOTE: the fastest, not the mean: on a shared CPU the other processes only ever add time.
+    """
+    images, times = [], []
+    bar = tqdm(total=len(seeds) * ((len(prompts) + batch - 1) // batch), desc=desc, unit="batch", leave=False)
+    for seed in seeds:
+        row = []
+        for i in range(0, len(prompts), batch):
+            p = prompts[i:i + batch]
+            x_T = pipe.noise(len(p), torch.Generator().manual_seed(seed + i))
+            for _ in range(time_reps if (seed, i) == (seeds[0], 0) else 1):
+                _sync(pipe.device)
+                t0 = time.perf_counter()
+                out = generate(p, x_T, seed + i)
+                _sync(pipe.device)
+                if (seed, i) == (seeds[0], 0):
+                    times.append((time.perf_counter() - t0) / len(p))
+            row.append(out.float().cpu())
+            bar.update()
+        images.append(torch.cat(row))
+    bar.close()
+    images = torch.stack(images)                                               # (S, P, 3, H, W)
+    flat, caps = images.flatten(0, 1), prompts * len(seeds)
+    parts = reward.forward_parts(flat.to(pipe.device), caps)[1] if hasattr(reward, "forward_parts") else {
+        "reward": reward(flat.to(pipe.device), caps)}
+    m = {f"reward/{k}": v.float().mean().item() for k, v in parts.items()}
+    if judge is not None:
+        from toy.judge import summary as judge_summary
+        m.update({f"judge/{k}": v for k, v in judge_summary(judge(flat, caps), caps).items()})
+    if embed is not None:
+        m["diversity"] = diversity(torch.stack([embed(im.to(pipe.device)).float().cpu() for im in images]))
+    m["saturation"] = saturation(flat).mean().item()
+    m["sec_per_image"] = min(times)
+    return m, images
+
+
 # ----------------------------------------------------------------------------------------------------------- grids
 
 def labelled_grid(rows: dict[str, torch.Tensor], captions: list[str], min_width: int = 768,
@@ -137,7 +220,7 @@ def labelled_grid(rows: dict[str, torch.Tensor], captions: list[str], min_width:
 
 # --------------------------------------------------------------------------------------------------------- summary
 
-def summary(sets: dict[str, dict], paths: list[str] | None = None) -> str:
+def summary(sets: dict[str, dict], paths: list[str] | None = None, adaptivity: dict | None = None) -> str:
     """The short table a run ends with: per held-out set, reward and judge base -> aligned, the paired change with
     its 95% interval (± 1.96 SE within this run), and the files written."""
     lines = [f"{'held-out set':<14} {'n':>5}  {'metric':<7} {'base':>8} {'aligned':>8}  {'change (95% CI)':>22}"]
@@ -148,6 +231,10 @@ def summary(sets: dict[str, dict], paths: list[str] | None = None) -> str:
             d, se = m[f"{what}_change"], m[f"{what}_change_se"]
             lines.append(f"{name:<14} {m.get('n', 0):>5}  {what:<7} {m[f'{what}_base']:>8.4f} "
                          f"{m[f'{what}_aligned']:>8.4f}  {d:>+9.4f} ± {1.96 * se:.4f}")
+    if adaptivity:
+        lines.append(f"adaptivity (share of E|Δθ|² between inputs; 0 = a static LoRA): {adaptivity['x_T']:.2f} at x_T"
+                     f" ({adaptivity['n']}), {adaptivity['prompts']:.2f} between prompts" +
+                     (f", {adaptivity['trajectory']:.2f} along S trajectories" if "trajectory" in adaptivity else ""))
     if paths:
         lines.append("wrote " + ", ".join(paths))
     return "\n".join(lines)

@@ -60,8 +60,8 @@ def build(preset: str, device: str, dtype: torch.dtype, rank: int | None) -> H.H
     cfg = H.HyperConfig.preset("toy-sd" if preset == "toy-sd" else "sd15", **({"rank": rank} if rank else {}))
     ha = H.HyperAlign(cfg, Backbone("vp", unet, sampler.VPSchedule.from_config(None))).to(device)
     with torch.no_grad():                                   # a non-zero LoRA, as after training
-        for b in ha.hypernet.b_aux:
-            b.normal_(std=1e-3)
+        for p in ha.hypernet.decoder.head.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
     return ha
 
 

@@ -142,8 +142,8 @@ def bench(case: dict, device, grad_ckpt: bool, rank: int | None) -> dict:
     torch.manual_seed(0)
     ha = H.HyperAlign(cfg, bb).to(device)
     with torch.no_grad():                           # a non-zero LoRA, as after some training
-        for b in ha.hypernet.b_aux:
-            b.normal_(std=1e-3)
+        for p in ha.hypernet.decoder.head.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
     opt = torch.optim.AdamW(ha.hypernet.parameters(), lr=1e-4)
     x_t, t, cond = case["x_t"], case["t"], case["cond"]
     frozen = n_params(bb.model) + n_params(vae)

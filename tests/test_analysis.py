@@ -17,9 +17,8 @@ def trained_like(pipe, variant="S"):
     ha = make_ha(pipe, variant)
     torch.manual_seed(0)
     with torch.no_grad():
-        for b in ha.hypernet.b_aux:
-            b.normal_(0, 0.05)
-        ha.hypernet.head.weight.normal_(0, 0.5)
+        for p in ha.hypernet.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     return ha
 
 

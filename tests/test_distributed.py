@@ -67,6 +67,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     launch(tmp, tmp / "ddp", 2, 1, 3)                                   # 2 ranks x batch 1
     launch(tmp, tmp / "single", 1, 2, 3)                                # 1 process x batch 2
+    launch(tmp, tmp / "ddp1", 2, 1, 1)                                  # the first step alone, both ways
+    launch(tmp, tmp / "single1", 1, 2, 1)
     launch(tmp, tmp / "resumed", 1, 2, 2)                               # 1 process for 2 steps ...
     launch(tmp, tmp / "resumed", 2, 1, 3, "--resume")                   # ... then 2 ranks to step 3
     return tmp
@@ -100,9 +102,12 @@ def test_ranks_hold_identical_hypernetworks(runs):
 def test_two_ranks_equal_one_process_with_the_global_batch(runs):
     (p_ddp, g_ddp), (p_one, g_one) = load(runs, "ddp"), load(runs, "single")
     assert p_ddp.keys() == p_one.keys() and g_ddp.keys() == g_one.keys()
-    assert p_one["b_aux.0"].abs().max() > 0                             # it trained (B_aux starts at zero)
+    assert not torch.equal(p_one["decoder.head.weight"], p_one["decoder0.head.weight"])   # it trained
     assert rel_err(vector(p_ddp), vector(p_one)) < 1e-4
-    assert rel_err(vector(g_ddp), vector(g_one)) < 1e-4
+    # gradients from the same parameters (the first step) agree to rounding (measured 2.5e-6); later steps' gradients
+    # are taken at parameters that Adam has already moved apart by rounding (3rd step: 1e-4), so they are not compared
+    (_, g_ddp), (_, g_one) = load(runs, "ddp1"), load(runs, "single1")
+    assert rel_err(vector(g_ddp), vector(g_one)) < 1e-5
     l_ddp, l_one = losses(runs, "ddp"), losses(runs, "single")         # rank 0 logs the mean over ranks
     assert len(l_ddp) == len(l_one) == 3
     assert all(abs(a - b) < 1e-4 * abs(b) for a, b in zip(l_ddp, l_one)), (l_ddp, l_one)

@@ -18,7 +18,7 @@ def test_untrained_hypernetwork_gives_exactly_the_base_samples(kind):
     factors = ha.factors(pipe.noise(2, torch.Generator().manual_seed(0)), pipe.t_batch(pipe.timesteps()[0], 2),
                          pipe.conds(["a", "b"])[0])
     for A, B in factors.values():
-        assert A.abs().sum() > 0 and torch.count_nonzero(B) == 0          # Δθ = s B A = 0 exactly
+        assert torch.count_nonzero(A) == 0 and B.abs().sum() > 0          # A = M(x) A_T with M = 0: Δθ = 0 exactly
     prompts = ["a red circle", "a blue square", "two green things"]
     for n in (1, 3):                                                     # 1: merged path, 3: per-sample vmap
         cond, uncond = pipe.conds(prompts[:n])
@@ -72,18 +72,38 @@ def test_key_steps_rule_and_determinism():
     assert a == b and len(a) == 4 and a[0] == 0 and a == sorted(a)
 
 
-def test_only_the_hypernetwork_gets_gradients():
-    pipe = tiny_pipe("vp")
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_the_decoder_learns_from_the_first_step_and_only_the_hypernetwork_gets_gradients(kind):
+    pipe = tiny_pipe(kind)
     ha = make_ha(pipe, "S")
     batch = next(prefs.stream(pref_pairs(), 2, 16))
     H.training_step(ha, pipe, redness, ["a", "b"], batch, 1.0, torch.Generator().manual_seed(0))
-    frozen = [*pipe.backbone.model.parameters(), *pipe.vae.parameters()]
-    assert all(p.grad is None for p in frozen)
-    grads = {n: p.grad for n, p in ha.hypernet.named_parameters()}
-    assert all(g is not None for g in grads.values())
-    # at init B_aux = 0, so only B_aux receives a non-zero gradient (as with LoRA's B = 0 init)
-    assert all(grads[f"b_aux.{i}"].abs().sum() > 0 for i in range(len(ha.hypernet.targets)))
-    assert sum(p.grad.abs().sum() for n, p in ha.hypernet.named_parameters() if "aux" not in n) == 0
+    frozen = [*pipe.backbone.model.parameters(), *pipe.vae.parameters(), *ha.hypernet.decoder0.parameters()]
+    assert all(p.grad is None for p in frozen)                    # generator, VAE and the frozen decoder₀ untouched
+    grads = {n: p.grad for n, p in ha.hypernet.decoder.named_parameters()}
+    # Δθ = 0 at init, yet every weight of the decoder gets a gradient at the first step (the queries too: zero at
+    # init, they still feed the attention)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or g.abs().sum() == 0]
+    # A_T and B_T multiply M = 0 at the first step: their first gradient is zero, they move from the second step
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in [*ha.hypernet.a, *ha.hypernet.b])
+
+
+def test_every_number_of_delta_theta_depends_on_the_input():
+    """No static path: with the decoder moved off its initial copy, two inputs give different Δθ in every target, and
+    a static Δθ would need a constant M(x)."""
+    pipe = tiny_pipe("vp")
+    ha = make_ha(pipe, "I")
+    with torch.no_grad():
+        for p in ha.hypernet.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cond = pipe.conds(["a red circle", "a blue square"])[0]
+    f = ha.factors(pipe.noise(2, torch.Generator().manual_seed(0)), pipe.t_batch(pipe.timesteps()[0], 2), cond)
+    for A, B in f.values():
+        d = B @ A                                                       # (2, O, I): Δθ / s per sample
+        assert not torch.allclose(d[0], d[1])
+    trainable = {n.split(".")[0] for n, p in ha.hypernet.named_parameters() if p.requires_grad}
+    assert trainable == {"decoder", "a", "b"}                          # no other parameter reaches Δθ
 
 
 @pytest.mark.parametrize("mode", ["one-step", "direct-align"])
@@ -107,5 +127,5 @@ def test_reward_modes_train_both_processes(mode):
 
 def test_parameter_counts_sd15_and_flux():
     """The trainable parameter counts stated in the README / tutorial (counted on the meta device)."""
-    assert H.count_params(H.HyperConfig.preset("sd15"), lambda: make_unet("sd15")) == 11_481_152
-    assert H.count_params(H.HyperConfig.preset("flux-dev"), lambda: Flux(FluxConfig.preset("flux-dev"))) == 17_271_872
+    assert H.count_params(H.HyperConfig.preset("sd15"), lambda: make_unet("sd15")) == 13_026_304
+    assert H.count_params(H.HyperConfig.preset("flux-dev"), lambda: Flux(FluxConfig.preset("flux-dev"))) == 20_944_896

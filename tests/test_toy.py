@@ -35,8 +35,10 @@ def test_grammar_and_splits():
         assert q.relation and any((o.colour, o.shape) in world.HELDOUT_BINDINGS for o in q.objects)
     assert all(p in train for p in every[:18])
     # HyperAlign's division of the train split: disjoint, complete, relations only unseen, fixed sizes
-    hyper, unseen = set(world.prompts("hyper-train")), set(world.prompts("unseen"))
-    assert hyper.isdisjoint(unseen) and hyper | unseen == train and (len(hyper), len(unseen)) == (467, 199)
+    hyper, val, unseen = (set(world.prompts(s)) for s in ("hyper-train", "val", "unseen"))
+    assert hyper.isdisjoint(unseen) and hyper.isdisjoint(val) and val.isdisjoint(unseen)
+    assert hyper | val | unseen == train and (len(hyper), len(val), len(unseen)) == (349, 118, 199)
+    assert all(world.parse(p).relation for p in val)
     assert all(world.parse(p).relation for p in unseen) and all(p in hyper for p in every[:18])
     with pytest.raises(ValueError, match="split must be"):
         world.prompts("test")

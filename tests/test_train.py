@@ -103,7 +103,8 @@ def test_bad_paths_exit_2_with_one_line(tmp_path, capsys):
 def test_flux_path_trains(tmp_path):
     m = run(tmp_path / "r", tmp_path, kind="flow", steps=3, variant="S")
     assert {"reward_base", "reward_aligned"} <= set(m["eval"]["eval"]) and m["trainable_params"] > 0
-    assert any(k.startswith("b_aux.") and v.abs().sum() > 0 for k, v in weights(tmp_path / "r").items())
+    w = weights(tmp_path / "r")
+    assert not torch.equal(w["decoder.head.weight"], w["decoder0.head.weight"])           # it learned something
 
 
 def test_bf16_model_with_gradient_checkpointing_trains(tmp_path):
@@ -116,7 +117,7 @@ def test_bf16_model_with_gradient_checkpointing_trains(tmp_path):
     runs.train("hyperalign", cfg, pipe=pipe, reward=redness, prefs_reader=pref_pairs())
     sd = weights(tmp_path / "r")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())
-    assert any(k.startswith("b_aux.") and v.abs().sum() > 0 for k, v in sd.items())
+    assert not torch.equal(sd["decoder.head.weight"], sd["decoder0.head.weight"])
 
 
 def test_toy_default_trains_on_hyper_train_and_scores_unseen_then_heldout(tmp_path, monkeypatch):
