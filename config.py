@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
+import imagereward
 import rewards
 from toy import rewards as toy_rewards
 from toy import world
@@ -27,7 +28,7 @@ VARIANTS = ("S", "I", "P")
 REWARD_MODES = ("one-step", "direct-align")
 DTYPES = ("float32", "bfloat16", "float16")
 # every reward a spec may name: the real ones and the toy world's (an explicit table; nothing registers on import)
-REWARDS = {**rewards.REWARDS, **toy_rewards.REWARDS}
+REWARDS = {**rewards.REWARDS, **imagereward.REWARDS, **toy_rewards.REWARDS}
 
 
 @dataclass
@@ -119,6 +120,11 @@ class RunConfig:
             raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
         return self
 
+
+# Settings of the toy tables beside RunConfig's defaults, chosen on the 'val' split by `python evaluate.py --search`
+# (docs/results/search.json, the same grid for both methods): the static LoRA's own, and guidance's step ρ.
+STATIC: dict = {}
+GUIDANCE_RHO = 1.0
 
 _TOY = RunConfig()
 PRESETS: dict[str, RunConfig] = {

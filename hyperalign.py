@@ -222,9 +222,10 @@ class HyperAlign(nn.Module):
         with lora.substituted(self.backbone.model, self.merged(factors)):
             yield self.backbone
 
-    def sampler_model(self, cond, steps: int, variant: str | None = None) -> "Modulated":
-        """A fresh model callable for one trajectory of `steps` sampler steps; `cond` is the B prompts' conditioning."""
-        return Modulated(self, cond, steps, variant or self.cfg.variant)
+    def sampler_model(self, cond, steps: int, variant: str | None = None, fast=None) -> "Modulated":
+        """A fresh model callable for one trajectory of `steps` sampler steps; `cond` is the B prompts' conditioning.
+        `fast`: an accel.Fast call to run the model through (one sample at a time)."""
+        return Modulated(self, cond, steps, variant or self.cfg.variant, fast)
 
 
 def count_params(cfg: HyperConfig, make_model: Callable[[], nn.Module], **backbone_kw) -> int:
@@ -273,12 +274,14 @@ class Modulated:
     The model batch may hold K copies of the B samples stacked as (K B) (classifier-free guidance): every copy uses
     its sample's LoRA.
     """
-    def __init__(self, ha: HyperAlign, cond, steps: int, variant: str):
+    def __init__(self, ha: HyperAlign, cond, steps: int, variant: str, fast=None):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        self.ha, self.cond, self.variant = ha, cond, variant
+        self.ha, self.cond, self.variant, self.fast = ha, cond, variant, fast
         self.key_steps = ha.cfg.key_steps_for(steps)
         self.n = (cond["txt"] if isinstance(cond, dict) else cond).shape[0]
+        if fast is not None and self.n != 1:
+            raise ValueError(f"the fast path samples one image at a time (its LoRA in static buffers), got {self.n}")
         self.step, self.calls, self._params = 0, 0, None
         self.keep, self.made = False, []          # keep=True: every LoRA made, [(step, factors)] (export_lora.py)
 
@@ -286,11 +289,17 @@ class Modulated:
     def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         if lora_step(self.variant, self.step, self.key_steps) == self.step:
             self.calls += 1
+            if self.fast is not None:                     # the perception encoder is the frozen model: base weights
+                self.fast.weights.reset()
             factors = self.ha.factors(x_t[:self.n], t[:self.n], self.cond)
             if self.keep:
                 self.made.append((self.step, factors))
             self._params = self.ha.merged(factors)
+            if self.fast is not None:                     # merged into the static weights the captured call reads
+                self.fast.weights.load(self._params)
         self.step += 1
+        if self.fast is not None:
+            return self.fast(x_t, t, cond)
         return self.ha.backbone.forward(self._params, x_t, t, cond)
 
 

@@ -61,10 +61,16 @@ class StaticLoRA(nn.Module):
         with lora.substituted(self.backbone.model, lora.merged_params(self.backbone.model, factors, self.cfg.scale)):
             yield self.backbone
 
-    def sampler_model(self, cond=None, steps: int | None = None) -> Callable:
-        """The model callable for the samplers: weights merged once (a static LoRA costs nothing per step)."""
+    def sampler_model(self, cond=None, steps: int | None = None, fast=None) -> Callable:
+        """The model callable for the samplers: weights merged once (a static LoRA costs nothing per step); with
+        `fast` (accel.Fast) merged into its static weights."""
+        if fast is not None:
+            fast.weights.reset()                          # merge onto θ, not onto a LoRA the buffers still hold
         with torch.no_grad():
             params = lora.merged_params(self.backbone.model, self(), self.cfg.scale)
+        if fast is not None:
+            fast.weights.load(params)
+            return fast
         return lambda x_t, t, c: self.backbone.forward(params, x_t, t, c)
 
 

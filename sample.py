@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import accel
 import config
 import files
 import pipeline
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file SD checkpoint")
     p.add_argument("--components", default=None, help="diffusers FLUX folder (vae, text encoders), for a FLUX file")
     p.add_argument("--hyper", default=None, help="a trained run folder (train.py / baselines.py --out DIR)")
+    p.add_argument("--fast", default=None, choices=accel.MODES, help="the fast path (accel.py): graph = CUDA graphs, "
+                   "compile = torch.compile, eager = the same static weights uncaptured; one image at a time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -108,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{pipe.height}x{pipe.width}")
         prompts = [args.prompt] * args.batch
         cond, uncond = pipe.conds(prompts, args.negative_prompt)
-        model = runs.load_trained(args.hyper, pipe.backbone, args.device)[0].sampler_model(cond, pipe.steps) \
-            if args.hyper else pipe.backbone
+        method = runs.load_trained(args.hyper, pipe.backbone, args.device)[0] if args.hyper else None
+        fast = None
+        if args.fast:
+            if args.batch != 1:
+                raise ValueError("--fast samples one image at a time: use --batch 1")
+            fast = accel.Fast(pipe.backbone, accel.fast_targets(method) if method else [], args.fast)
+        model = method.sampler_model(cond, pipe.steps, fast=fast) if method else (fast or pipe.backbone)
         generator = torch.Generator("cpu").manual_seed(args.seed)
         x_T = pipe.noise(args.batch, generator)
         x_0 = pipe.rollout(model, x_T, cond, uncond, args.eta, generator, trajectory=False, progress=True)

@@ -137,7 +137,7 @@ def bench_train_step(ha: H.HyperAlign, latent: int, device: str, dtype, grad_ckp
         sync(device)
         t0 = time.perf_counter()
         factors = ha.factors(x, t, cond)
-        with ha.substituted(factors):
+        with ha.applied(factors):
             u, c = unet(torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])).chunk(2)
             x0_hat = ha.backbone.x0_hat(x, t, u + 7.5 * (c - u))
             x0_hat.float().square().mean().backward()

@@ -1,0 +1,152 @@
+"""The tables of docs/results.md (and tutorial.md §7-9), generated from the committed JSON under docs/results/:
+`python results.py` rewrites every block between `<!-- results:NAME -->` and `<!-- /results -->` in those files.
+
+No figure in a table is typed by hand. Every trained row has one figure per training seed; a cell is their mean and
+the half-width of its 95% t-interval across training seeds ("± 0.012"), not the standard error within a run. A row
+without training (base, Best-of-N, guidance) has one figure. Comparisons between rows are paired by training seed on
+the same samples (every row is scored from the same x_T).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+
+import files
+from scoring import t_interval
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DOCS = [os.path.join(ROOT, "docs", "results.md"), os.path.join(ROOT, "tutorial.md")]
+COLUMNS = [("reward/toy-ir", "toy-ir", 3), ("reward/toy-pref", "toy-pref", 3), ("reward/toy-clip", "toy-clip", 1),
+           ("judge/overall", "judge", 3), ("judge/count", "count", 2), ("judge/binding", "binding", 2),
+           ("judge/position", "position", 2), ("saturation", "satur.", 3), ("diversity", "divers.", 3)]
+
+
+def load(folder: str) -> dict[str, dict[str, dict]]:
+    """{model: {row name: record}} of every docs/results/MODEL/ROW.json."""
+    out: dict[str, dict[str, dict]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*", "*.json"))):
+        record = files.read_json(path, "results file")
+        if "row" in record:
+            out.setdefault(record["model"], {})[record["row"]] = record
+    return out
+
+
+def values(record: dict, split: str, key: str) -> list[float]:
+    """The figure of every training seed (one for an untrained row)."""
+    return [s[split][key] for s in record["seeds"].values() if split in s and key in s[split]]
+
+
+def cell(vals: list[float], digits: int) -> str:
+    if not vals:
+        return "—"
+    mean, half = t_interval(vals)
+    return f"{mean:.{digits}f}" if len(vals) < 2 else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def paired(a: dict, b: dict, split: str, key: str) -> list[float]:
+    """a − b per training seed (an untrained b is subtracted from every seed of a)."""
+    sa, sb = a["seeds"], b["seeds"]
+    if list(sb) == ["-"]:
+        return [sa[k][split][key] - sb["-"][split][key] for k in sa]
+    return [sa[k][split][key] - sb[k][split][key] for k in sa if k in sb]
+
+
+def table(rows: dict[str, dict], split: str) -> str:
+    cols = [c for c in COLUMNS if any(values(r, split, c[0]) for r in rows.values())]
+    head = ["row", "seeds", *[c[1] for c in cols], "adaptivity", "s / image", "× base"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base_time = values(rows["base"], split, "sec_per_image") if "base" in rows else []
+    for name, r in rows.items():
+        seeds = "—" if list(r["seeds"]) == ["-"] else str(len(r["seeds"]))
+        adapt = [s["adaptivity"]["x_T"] for s in r["seeds"].values() if "adaptivity" in s]
+        t = values(r, split, "sec_per_image")
+        ratio = f"{min(t) / min(base_time):.1f}" if t and base_time else "—"
+        lines.append("| " + " | ".join([name, seeds, *[cell(values(r, split, k), d) for k, _, d in cols],
+                                          cell(adapt, 2), f"{min(t):.3f}" if t else "—", ratio]) + " |")
+    return "\n".join(lines)
+
+
+def claims(rows: dict[str, dict], reward: str = "reward/toy-ir") -> str:
+    """The paper's claims, checked on one model's 'unseen' rows: each a difference with its 95% interval over
+    training seeds, and whether the interval excludes zero."""
+    def diff(a: str, b: str, key: str) -> str:
+        if a not in rows or b not in rows:
+            return ""
+        d = paired(rows[a], rows[b], "unseen", key)
+        if not d:
+            return ""
+        mean, half = t_interval(d)
+        verdict = "—" if half != half else ("above 0" if mean - half > 0 else "below 0" if mean + half < 0 else
+                                            "includes 0")
+        return f"| {a} − {b} | {key.split('/')[-1]} | {mean:+.4f} ± {half:.4f} | {verdict} |"
+
+    lines = ["| comparison | metric | difference (95% CI over training seeds) | interval |", "|---|---|---|---|"]
+    pairs = [("HyperAlign-S", "static LoRA"), ("HyperAlign-P", "static LoRA"), ("HyperAlign-I", "static LoRA"),
+             ("HyperAlign-S", "HyperAlign-P"), ("HyperAlign-P", "HyperAlign-I"), ("HyperAlign-S", "base"),
+             ("HyperAlign-I", "base"), ("static LoRA", "base"), ("Direct-Align + SRPO reward", "base"),
+             ("ablation: L_R only (λ = 0)", "base"), ("ablation: L_G only", "base"),
+             ("toy-clip reward, λ = 0", "base"), ("toy-clip reward, λ > 0", "base")]
+    for a, b in pairs:
+        for key in (reward, "judge/overall") + (("saturation",) if "toy-clip" in a else ()):
+            line = diff(a, b, key)
+            if line:
+                lines.append(line)
+    if {"HyperAlign-S", "static LoRA", "guidance"} <= set(rows):              # amortised guidance: the gap closed
+        gap = rows["guidance"]["seeds"]["-"]["unseen"][reward]
+        closed = [(s - st) / (gap - st) for s, st in zip(values(rows["HyperAlign-S"], "unseen", reward),
+                                                        values(rows["static LoRA"], "unseen", reward))]
+        mean, half = t_interval(closed)
+        lines.append(f"| share of the static LoRA → guidance gap closed by HyperAlign-S | {reward.split('/')[-1]} | "
+                     f"{mean:.2f} ± {half:.2f} | (target ≥ 0.5) |")
+    return "\n".join(lines)
+
+
+def blocks(results: str) -> dict[str, str]:
+    """Every generated block, by name."""
+    data, out = load(results), {}
+    for model, rows in data.items():
+        order = ["base", "HyperAlign-S", "HyperAlign-P", "HyperAlign-I", "static LoRA", "Best-of-8", "guidance",
+                 "Direct-Align + SRPO reward", "ablation: L_R only (λ = 0)", "ablation: L_G only",
+                 "toy-clip reward, λ = 0", "toy-clip reward, λ > 0"]
+        rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else 99)}
+        proto = next(iter(rows.values()))["protocol"]
+        out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(rows, "unseen")
+        out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(rows, "heldout")
+        out[f"{model}-claims"] = claims(rows)
+    search = os.path.join(results, "search.json")
+    if os.path.isfile(search):
+        out["search"] = search_table(files.read_json(search, "search results"))
+    return out
+
+
+def search_table(s: dict) -> str:
+    lines = ["| method | setting | val reward (toy-ir) | val judge | chosen |", "|---|---|---|---|---|"]
+    for r in s["runs"]:
+        lines.append(f"| {r['method']} | {r['setting']} | {r['reward']:.4f} | {r['judge']:.4f} | "
+                     f"{'**yes**' if r.get('chosen') else ''} |")
+    return "\n".join(lines)
+
+
+def render(text: str, generated: dict[str, str]) -> str:
+    def fill(m):
+        name = m.group(1)
+        body = generated.get(name, f"(no results yet for {name}: run `python evaluate.py`, then `python results.py`)")
+        return f"<!-- results:{name} -->\n{body}\n<!-- /results -->"
+    return re.sub(r"<!-- results:([\w\-]+) -->.*?<!-- /results -->", fill, text, flags=re.S)
+
+
+def main(argv=None) -> int:
+    results = (argv or sys.argv[1:] or [os.path.join(ROOT, "docs", "results")])[0]
+    generated = blocks(results)
+    for path in DOCS:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                files.write_text(path, render(f.read(), generated))
+    print(f"{len(generated)} tables from {results} into {', '.join(os.path.relpath(p, ROOT) for p in DOCS)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
