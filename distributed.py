@@ -102,6 +102,15 @@ def broadcast(obj, ctx: Context):
     return box[0]
 
 
+def gather(obj, ctx: Context) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank ([obj] without a group)."""
+    if ctx.world == 1:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def deal(items: Iterable, batch: int, ctx: Context) -> Iterator:
     """Deal a stream to ranks in global batches: of every world x `batch` consecutive items this rank keeps its
     `batch` rows; an incomplete global batch at the end is dropped (as drop_last)."""

@@ -32,6 +32,7 @@ import methods
 import runs
 import scoring
 from config import RunConfig
+from scoring import t_interval
 from toy import judge as toy_judge
 from toy import world
 
@@ -173,7 +174,7 @@ def search(a, rewards: Rewards) -> dict:
     change's 95% interval >= 0). Guidance's step ρ is chosen on val the same way. -> search.json."""
     model = "toy-sd"
     pipe = config.load_pipeline(RunConfig.from_preset(model))
-    score, val = rewards(SCORE), world.prompts("val")
+    score, val, key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
     base_cfg = RunConfig.from_preset(model, no_eval=True, save_every=10_000, threads=torch.get_num_threads())
     base = scoring.measure(sample_with(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
                            desc="val base")[0]
@@ -189,7 +190,7 @@ def search(a, rewards: Rewards) -> dict:
             m, images = scoring.measure(sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val,
                                         [0, 1], score, toy_judge.judge, desc=f"val {kind}")
             out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "setting": over,
-                        "reward": m["reward/toy-ir"], "judge": m["judge/overall"]})
+                        "reward": m[key], "judge": m["judge/overall"]})
             print(out[-1], flush=True)
         mine = [r for r in out if r["method"] == out[-1]["method"]]
         fine = [r for r in mine if r["judge"] >= base["judge/overall"]] or mine
@@ -199,12 +200,12 @@ def search(a, rewards: Rewards) -> dict:
     for rho in (0.3, 1.0, 3.0):
         m = scoring.measure(guidance_gen(pipe, rewards(base_cfg.reward), rho), pipe, val, [0], score,
                             toy_judge.judge, desc=f"val guidance {rho}")[0]
-        out.append({"method": "guidance", "setting": {"rho": rho}, "reward": m["reward/toy-ir"],
+        out.append({"method": "guidance", "setting": {"rho": rho}, "reward": m[key],
                     "judge": m["judge/overall"]})
     g = max((r for r in out if r["method"] == "guidance"), key=lambda r: r["reward"])
     g["chosen"] = True
     record = {"split": f"val: {len(val)} prompts x 2 samples (guidance x 1), training seed 0",
-              "base": {"reward": base["reward/toy-ir"], "judge": base["judge/overall"]}, "runs": out,
+              "reward": key.split("/")[1], "base": {"reward": base[key], "judge": base["judge/overall"]}, "runs": out,
               "chosen": {**found, "guidance": g["setting"]}}
     files.write_json(os.path.join(a.results, "search.json"), record)
     return record
@@ -212,26 +213,72 @@ def search(a, rewards: Rewards) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- real models
 
+# the paper's Table 1 columns, in its order, by reward name in --score; CLIP is reported as the plain cosine
+PAPER_COLUMNS = [("aesthetic", "Aesthetic", 1.0), ("pick", "PickScore", 1.0), ("imagereward", "ImageReward", 1.0),
+                 ("clip", "CLIP", 0.01), ("hps", "HPS", 1.0)]
+
+
 def real_model(a) -> None:
-    """Trained runs on a real checkpoint: base, every --hyper run, Best-of-N and guidance on --prompts."""
+    """The paper's Table 1 on a real checkpoint: base, every --hyper run (HyperAlign or static LoRA) and the optional
+    test-time rows, on --prompts x --sample-seeds at the paper's sampling settings (SD1.5: 50 DDIM steps, CFG 7.5;
+    FLUX: 50 steps, guidance 3.5), scored by every reward of --score. Under torchrun each process samples its share of
+    the prompts; rank 0 writes OUT/table.json and OUT/table.md (mean ± 95% t-interval over prompts)."""
+    import distributed
     import pipeline
-    pipe = pipeline.load(a.model, a.device, getattr(torch, a.dtype), steps=a.sample_steps)
-    train_reward = config.load_reward(a.reward, a.reward_tokenizer, a.device)
-    score = config.load_reward(a.score or a.reward, a.reward_tokenizer, a.device)
+    ctx, device = distributed.init(a.device)
+    pipe = pipeline.load(a.model, device, getattr(torch, a.dtype), steps=a.sample_steps or 50,
+                         guidance=a.guidance, tokenizer=a.tokenizer)
+    score = config.load_reward(a.score, a.reward_tokenizer, device, a.dtype)
     prompts = config.read_prompts(a.prompts)[:a.n_prompts]
+    mine = prompts[ctx.rank::ctx.world]
     rows = [("base", sample_with(pipe, lambda c: pipe.backbone))]
     for d in a.hyper:
-        m, saved = runs.load_trained(d, pipe.backbone, a.device)
+        m, saved = runs.load_trained(d, pipe.backbone, device)
         name = f"HyperAlign-{m.cfg.variant}" if saved["method"] == "hyperalign" else "static LoRA"
-        rows.append((f"{name} ({d})", sample_with(pipe, lambda c, m=m: m.sampler_model(c, pipe.steps))))
-    rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon)))
-    rows.append((f"guidance ρ={a.rho:g}", guidance_gen(pipe, train_reward, a.rho)))
+        rows.append((f"{name} ({os.path.basename(os.path.normpath(d))})",
+                     sample_with(pipe, lambda c, m=m: m.sampler_model(c, pipe.steps))))
+    if a.bon > 1 or a.rho:
+        train_reward = config.load_reward(a.reward or a.score, a.reward_tokenizer, device, a.dtype)
+        if a.bon > 1:
+            rows.append((f"Best-of-{a.bon}", best_of_n_gen(pipe, train_reward, a.bon)))
+        if a.rho:
+            rows.append((f"guidance ρ={a.rho:g}", guidance_gen(pipe, train_reward, a.rho)))
+    seeds = list(range(a.sample_seeds))
     table = {}
     for name, generate in rows:
-        table[name] = scoring.measure(generate, pipe, prompts, list(range(a.sample_seeds)), score, None,
-                                      scoring.clip_embedder(score), desc=name)[0]
-    files.write_json(os.path.join(a.out, "table.json"), {"model": a.model, "prompts": a.prompts, "rows": table})
-    print(f"wrote {os.path.join(a.out, 'table.json')}")
+        m = scoring.measure(generate, pipe, mine, seeds, score, None, None, batch=a.batch, desc=name,
+                            per_image=True)[0]
+        per = {k: torch.tensor(v).view(len(seeds), len(mine)).mean(0).tolist() for k, v in m["per_image"].items()}
+        gathered = distributed.gather((per, m["sec_per_image"]), ctx)
+        if ctx.main:                                   # per-prompt means of every rank, and the slowest rank's time
+            per = {k: [x for g, _ in gathered for x in g[k]] for k in per}
+            table[name] = {k: dict(zip(("mean", "ci95"), t_interval(v))) for k, v in per.items()}
+            table[name]["sec_per_image"] = max(t for _, t in gathered)
+    distributed.close()
+    if not ctx.main:
+        return
+    os.makedirs(a.out, exist_ok=True)
+    settings = {"model": a.model, "prompts": f"{a.prompts} ({len(prompts)} prompts)", "sample_seeds": a.sample_seeds,
+                "steps": pipe.steps, "guidance": pipe.guidance, "size": pipe.height, "score": a.score,
+                "processes": ctx.world}
+    files.write_json(os.path.join(a.out, "table.json"), {"settings": settings, "rows": table})
+    files.write_text(os.path.join(a.out, "table.md"), paper_table(table, settings))
+    print(paper_table(table, settings))
+
+
+def paper_table(table: dict, settings: dict) -> str:
+    """Markdown laid out like the paper's Table 1: Aesthetic, PickScore, ImageReward, CLIP, HPS, time per image."""
+    names = next(iter(table.values())).keys()
+    cols = [(k, label, f) for k, label, f in PAPER_COLUMNS if k in names] + \
+        [(k, k, 1.0) for k in names if k != "sec_per_image" and k not in {c[0] for c in PAPER_COLUMNS}]
+    lines = [f"*{settings['model']}: {settings['prompts']} x {settings['sample_seeds']} seeds, {settings['steps']} "
+             f"steps, guidance {settings['guidance']}, {settings['size']} px; mean ± 95% interval over prompts.*", "",
+             "| Method | " + " | ".join(f"{label} ↑" for _, label, _ in cols) + " | Time (s) ↓ |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for name, r in table.items():
+        cells = [f"{r[k]['mean'] * f:.4f} ± {r[k]['ci95'] * f:.4f}" for k, _, f in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['sec_per_image']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -248,31 +295,36 @@ def parse_args(argv=None):
     p.add_argument("--results", default="docs/results", help="where the JSON of every row goes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--search", action="store_true", help="choose the settings on the 'val' split (search.json)")
-    p.add_argument("--model", default=None, help="a real SD1.5 / FLUX path instead of the toy models")
-    p.add_argument("--reward", default=None, help="real model: the reward of guidance and Best-of-N")
-    p.add_argument("--score", default=None, help="real model: the reward spec of the table's columns")
-    p.add_argument("--reward-tokenizer", default=None)
-    p.add_argument("--prompts", default=None, help="real model: prompt file")
-    p.add_argument("--hyper", nargs="*", default=[], help="real model: trained run folders (rows)")
-    p.add_argument("--sample-steps", type=int, default=None)
-    p.add_argument("--bon", type=int, default=8)
-    p.add_argument("--rho", type=float, default=1.0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=config.DTYPES)
+    g = p.add_argument_group("a real checkpoint (the paper's Table 1)")
+    g.add_argument("--model", default=None, help="an SD1.5 / FLUX path instead of the toy models")
+    g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder, for a single-file SD model")
+    g.add_argument("--score", default=None, help="the table's rewards, e.g. aesthetic:CLIP+MLP,pick:DIR,"
+                   "imagereward:PT+BERT_TOKENIZER,clip:DIR,hps:PT")
+    g.add_argument("--reward", default=None, help="the reward of Best-of-N and guidance (default: --score)")
+    g.add_argument("--reward-tokenizer", default=None, help="CLIP tokenizer folder for HPS")
+    g.add_argument("--prompts", default=None, help="prompt file, e.g. prompts/partiprompts.txt")
+    g.add_argument("--hyper", nargs="*", default=[], help="trained run folders of train.py / baselines.py (rows)")
+    g.add_argument("--sample-steps", type=int, default=None, help="default 50 (the paper's)")
+    g.add_argument("--guidance", type=float, default=None, help="default: SD1.5 CFG 7.5, FLUX 3.5")
+    g.add_argument("--batch", type=int, default=4, help="samples per generation batch")
+    g.add_argument("--bon", type=int, default=1, help="add a Best-of-N row (N > 1)")
+    g.add_argument("--rho", type=float, default=0.0, help="add a gradient-guidance row with this step")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", default="float32", choices=config.DTYPES)
     a = p.parse_args(argv)
     try:
         a.train_seeds = [int(s) for s in a.train_seeds.split(",") if s]
     except ValueError:
         p.error(f"--train-seeds: comma-separated integers, got {a.train_seeds!r}")
-    for k in ("sample_seeds", "threads", "bon"):
+    for k in ("sample_seeds", "threads", "bon", "batch"):
         if getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
     if a.heldout_seeds < 0 or (a.n_prompts is not None and a.n_prompts < 1):
         p.error("--heldout-seeds must be >= 0 and --n-prompts >= 1")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {a.device}: CUDA is not available on this machine")
-    if a.model is not None and not (a.reward and a.prompts):
-        p.error("a real --model needs --reward and --prompts")
+    if a.model is not None and not (a.score and a.prompts):
+        p.error("a real --model needs --score and --prompts")
     return a
 
 

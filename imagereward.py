@@ -45,6 +45,19 @@ RULES = [
 ]
 
 
+# ours -> ImageReward.pt: the inverse of RULES (the toy world writes its ImageReward in the released layout)
+TO_RELEASE = [
+    (r"^blip\.vision_model\.embeddings\.patch_embedding\.", "blip.visual_encoder.patch_embed.proj."),
+    (r"^blip\.vision_model\.embeddings\.class_embedding$", "blip.visual_encoder.cls_token"),
+    (r"^blip\.vision_model\.embeddings\.position_embedding$", "blip.visual_encoder.pos_embed"),
+    (r"^blip\.vision_model\.post_layernorm\.", "blip.visual_encoder.norm."),
+    (r"^blip\.vision_model\.encoder\.layers\.", "blip.visual_encoder.blocks."),
+    (r"(visual_encoder\.blocks\.\d+)\.layer_norm([12])\.", r"\1.norm\2."),
+    (r"(visual_encoder\.blocks\.\d+)\.self_attn\.qkv\.", r"\1.attn.qkv."),
+    (r"(visual_encoder\.blocks\.\d+)\.self_attn\.projection\.", r"\1.attn.proj."),
+]
+
+
 class ImageRewardModel(nn.Module):
     """BlipForImageTextRetrieval without its image-text-matching head (ImageReward has none) + ImageReward's MLP."""
 

@@ -18,8 +18,7 @@ from scoring import t_interval
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DOCS = [os.path.join(ROOT, "docs", "results.md"), os.path.join(ROOT, "tutorial.md")]
-COLUMNS = [("reward/toy-ir", "toy-ir", 3), ("reward/toy-pref", "toy-pref", 3), ("reward/toy-clip", "toy-clip", 1),
-           ("judge/overall", "judge", 3), ("judge/count", "count", 2), ("judge/binding", "binding", 2),
+COLUMNS = [("judge/overall", "judge", 3), ("judge/count", "count", 2), ("judge/binding", "binding", 2),
            ("judge/position", "position", 2), ("saturation", "satur.", 3), ("diversity", "divers.", 3)]
 
 
@@ -53,8 +52,14 @@ def paired(a: dict, b: dict, split: str, key: str) -> list[float]:
     return [sa[k][split][key] - sb[k][split][key] for k in sa if k in sb]
 
 
+def rewards(rows: dict[str, dict]) -> list[str]:
+    """The protocol's score rewards, first the one the rows were trained for ('toy-ir,toy-pref,toy-clip')."""
+    return next(iter(rows.values()))["protocol"]["score"].split(",")
+
+
 def table(rows: dict[str, dict], split: str) -> str:
-    cols = [c for c in COLUMNS if any(values(r, split, c[0]) for r in rows.values())]
+    columns = [(f"reward/{name}", name, 1 if name.endswith("clip") else 3) for name in rewards(rows)] + COLUMNS
+    cols = [c for c in columns if any(values(r, split, c[0]) for r in rows.values())]
     head = ["row", "seeds", *[c[1] for c in cols], "adaptivity", "s / image", "× base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_time = values(rows["base"], split, "sec_per_image") if "base" in rows else []
@@ -68,9 +73,10 @@ def table(rows: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def claims(rows: dict[str, dict], reward: str = "reward/toy-ir") -> str:
+def claims(rows: dict[str, dict]) -> str:
     """The paper's claims, checked on one model's 'unseen' rows: each a difference with its 95% interval over
-    training seeds, and whether the interval excludes zero."""
+    training seeds, and whether the interval excludes zero. The reward is the protocol's first score reward."""
+    reward = "reward/" + rewards(rows)[0]
     def diff(a: str, b: str, key: str) -> str:
         if a not in rows or b not in rows:
             return ""
@@ -122,7 +128,7 @@ def blocks(results: str) -> dict[str, str]:
 
 
 def search_table(s: dict) -> str:
-    lines = ["| method | setting | val reward (toy-ir) | val judge | chosen |", "|---|---|---|---|---|"]
+    lines = [f"| method | setting | val reward ({s.get('reward', 'toy-ir')}) | val judge | chosen |", "|---|---|---|---|---|"]
     for r in s["runs"]:
         lines.append(f"| {r['method']} | {r['setting']} | {r['reward']:.4f} | {r['judge']:.4f} | "
                      f"{'**yes**' if r.get('chosen') else ''} |")

@@ -143,14 +143,15 @@ def _sync(device) -> None:
 
 @torch.no_grad()
 def measure(generate: Callable, pipe, prompts: list[str], seeds: list[int], reward, judge=None,
-            embed: Callable | None = None, batch: int = 16, time_reps: int = 3, desc: str = "measure"
-            ) -> tuple[dict, torch.Tensor]:
+            embed: Callable | None = None, batch: int = 16, time_reps: int = 3, desc: str = "measure",
+            per_image: bool = False) -> tuple[dict, torch.Tensor]:
     """One method over prompts x sample seeds, then scored: (metrics, images (S, P, 3, H, W)).
 
     `generate(prompts, x_T, seed) -> images`; x_T of the batch starting at i is seeded with seed + i for every method,
     so that every row of a table is scored on the same samples (paired). Metrics: the mean of every reward part
     ("reward/NAME"), the judge's parts ("judge/NAME", position over relational prompts), saturation, diversity
-    across seeds, and seconds per image: the fastest of `time_reps` timed runs of the first batch.
+    across seeds, and seconds per image: the fastest of `time_reps` timed runs of the first batch. per_image: also
+    "per_image" {reward part: [value of each (seed, prompt) sample, seed-major]}.
     NOTE: the fastest, not the mean: on a shared CPU the other processes only ever add time.
     """
     images, times = [], []
@@ -176,6 +177,8 @@ def measure(generate: Callable, pipe, prompts: list[str], seeds: list[int], rewa
     parts = reward.forward_parts(flat.to(pipe.device), caps)[1] if hasattr(reward, "forward_parts") else {
         "reward": reward(flat.to(pipe.device), caps)}
     m = {f"reward/{k}": v.float().mean().item() for k, v in parts.items()}
+    if per_image:
+        m["per_image"] = {k: v.float().cpu().tolist() for k, v in parts.items()}
     if judge is not None:
         from toy.judge import summary as judge_summary
         m.update({f"judge/{k}": v for k, v in judge_summary(judge(flat, caps), caps).items()})

@@ -1,13 +1,20 @@
-"""evaluate.py: the measures (saturation, diversity), one method measured on a tiny pipeline (deterministic, every
-column), the whole row set trained and evaluated on tiny SD and FLUX pipelines, the Markdown table, bad arguments."""
-import argparse
+"""evaluate.py: the measures (saturation, diversity); one method measured (deterministic, every column); the toy
+protocol's rows trained and scored on tiny pipelines into per-row JSON that results.py turns into tables; the paper's
+Table 1 on a tiny random SD checkpoint with a tiny version of every reward of the paper's columns; bad arguments."""
+import json
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
-
 from tiny import pref_pairs, redness, tiny_pipe
 
+import config
 import evaluate as E
+import imagereward
+import results
+import rewards
+import scoring
 
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
 
@@ -17,72 +24,112 @@ def test_saturation_of_pure_grey_and_black_background():
     img[0, 0] = 1.0                                          # pure red on black: saturation 1
     img[1] = 0.5                                             # grey: 0
     img[2, :, :2] = torch.tensor([1.0, 0.5, 0.5]).view(3, 1, 1)  # half pink (s = 0.5), half black (ignored)
-    assert torch.allclose(E.saturation(img), torch.tensor([1.0, 0.0, 0.5]))
+    assert torch.allclose(scoring.saturation(img), torch.tensor([1.0, 0.0, 0.5]))
 
 
 def test_diversity_is_zero_for_identical_seeds_and_one_for_orthogonal():
     same = torch.nn.functional.normalize(torch.randn(1, 5, 8), dim=-1).expand(3, 5, 8)
-    assert E.diversity(same) == pytest.approx(0.0, abs=1e-6)
+    assert scoring.diversity(same) == pytest.approx(0.0, abs=1e-6)
     ortho = torch.eye(3)[:, None, :].expand(3, 2, 3)       # seed s -> basis vector s, for both prompts
-    assert E.diversity(ortho) == pytest.approx(1.0)
+    assert scoring.diversity(ortho) == pytest.approx(1.0)
 
 
 def test_measure_is_deterministic_and_fills_every_column():
     pipe = tiny_pipe("vp", steps=2)
     gen = E.sample_with(pipe, lambda c: pipe.backbone)
     embed = lambda im: torch.nn.functional.normalize(im.flatten(1), dim=-1)  # noqa: E731
-    m1, im1 = E.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
-    m2, im2 = E.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
+    m1, im1 = scoring.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2, per_image=True)
+    m2, im2 = scoring.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
     assert im1.shape == (2, 3, 3, 16, 16) and torch.equal(im1, im2)
     assert set(m1) == {"reward/reward", "diversity", "saturation", "sec_per_image", "per_image"}
-    assert len(m1["per_image"]["reward/reward"]) == 6
-    assert m1["reward/reward"] == pytest.approx(m2["reward/reward"]) and m1["diversity"] > 0
-    assert m1["sec_per_image"] > 0
+    assert m1["per_image"]["reward"] == pytest.approx(redness(im1.flatten(0, 1), PROMPTS * 2).tolist())
+    assert m1["reward/reward"] == pytest.approx(sum(m1["per_image"]["reward"]) / 6) and m1["diversity"] > 0
+    # the same x_T for every method (at one batch size): a second generator of the base model gives the same samples
+    again = scoring.measure(E.sample_with(pipe, lambda c: pipe.backbone), pipe, PROMPTS, [0], redness, batch=2)[1]
+    assert torch.equal(again, im1[:1])
 
 
-@pytest.mark.parametrize("kind", ["vp", "flow"])
-def test_all_rows_train_and_evaluate_on_a_tiny_pipeline(kind, tmp_path):
-    pipe = tiny_pipe(kind, steps=2)
-    a = argparse.Namespace(variants=["I", "P"], train_steps=1, batch_size=2, lr=1e-2, seed=0, bon=2, rho=[1.0])
-    preset = "toy-sd" if kind == "vp" else "toy-flux"
-    rows = E.method_rows(pipe, preset, str(tmp_path), a, redness, pref_pairs(), ablation=kind == "vp")
-    names = [r[0] for r in rows]
-    expect = ["base", "HyperAlign-I", "HyperAlign-P", "static LoRA", "Best-of-2", "guidance ρ=1"]
-    expect += ["Direct-Align + SRPO reward"] if kind == "flow" else ["ablation: L_R only", "ablation: L_G only"]
-    assert names == expect
-    out = E.evaluate_rows(rows, pipe, PROMPTS[:2], [0], redness, None, None)
-    by = {r["method"]: r for r in out}
-    assert by["base"]["cost_x_base"] == 1.0
-    assert by["Best-of-2"]["reward/reward"] >= by["base"]["reward/reward"] - 1e-6   # candidate 0 is the base sample
-    assert by["guidance ρ=1"]["reward/reward"] > by["base"]["reward/reward"]
-    md = E.markdown("tiny", out)
-    assert md.count("\n|") == len(out) + 2 and "× base" in md
-    reused = E.method_rows(pipe, preset, str(tmp_path), a, redness, pref_pairs(), ablation=False)  # loads saved runs
-    assert [r[0] for r in reused][:4] == expect[:4]
+def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
+    """Two training seeds of two trained rows and two untrained rows on a tiny pipeline, scored on a few prompts:
+    one JSON per row with a figure per training seed, and results.py's table with a t-interval over seeds."""
+    pipe = tiny_pipe("vp", steps=2)
+    a = SimpleNamespace(train_seeds=[0, 1], sample_seeds=2, heldout_seeds=1, n_prompts=3, out=str(tmp_path / "runs"),
+                        results=str(tmp_path / "res"))
+    monkeypatch.setattr(E, "SCORE", "red")
+    monkeypatch.setitem(config.REWARDS, "red", lambda path, **kw: RedReward())
+    monkeypatch.setattr(config, "load_prefs", lambda cfg, train, held: pref_pairs())
+    monkeypatch.setattr(E.world, "SIZE", 16)
+    rows = [r for r in E.ROWS if r.name in ("base", "HyperAlign-I", "static LoRA", "Best-of-8")]
+    base = config.RunConfig.from_preset
+    monkeypatch.setattr(config.RunConfig, "from_preset",
+                        classmethod(lambda cls, name, **kw: base(name, **{**kw, "steps": 2, "batch_size": 2,
+                                                                           "reward": "red"})))
+    monkeypatch.setattr(E.runs, "adaptivity", lambda method, pipe, prompts: {"x_T": 0.5})
+    recs = {}
+    for row in rows:
+        rec = E.run_row(row, "toy-sd", pipe, a, E.Rewards())
+        recs[row.name] = rec
+        os.makedirs(os.path.join(a.results, "toy-sd"), exist_ok=True)
+        json.dump(rec, open(os.path.join(a.results, "toy-sd", f"{row.slug}.json"), "w"))
+    assert list(recs["HyperAlign-I"]["seeds"]) == ["0", "1"] and list(recs["base"]["seeds"]) == ["-"]
+    assert {"unseen", "heldout", "adaptivity", "train_s"} <= set(recs["HyperAlign-I"]["seeds"]["0"])
+    assert os.path.isdir(os.path.join(a.out, "toy-sd", "hyperalign-i-s1"))
+    blocks = results.blocks(a.results)
+    lines = blocks["toy-sd-unseen"].splitlines()
+    row = next(ln for ln in lines if ln.startswith("| HyperAlign-I |"))
+    vals = [s["unseen"]["reward/red"] for s in recs["HyperAlign-I"]["seeds"].values()]
+    mean, half = scoring.t_interval(vals)
+    assert f"{mean:.3f} ± {half:.3f}" in row and "| 2 |" in row
+    assert "| HyperAlign-I − static LoRA |" in blocks["toy-sd-claims"]
 
 
-def test_bad_arguments_exit_2():
-    for bad in (["--variants", "X"], ["--seeds", "0"], ["--train-steps", "-1"], ["--rho", "a"]):
+class RedReward(rewards.Reward):
+    def forward(self, images, prompts):
+        return redness(images, prompts)
+
+
+@pytest.mark.slow
+def test_paper_table_on_a_tiny_random_sd_checkpoint(tmp_path, monkeypatch, capsys):
+    """`evaluate.py --model PATH`: base and a HyperAlign run on a tiny random SD folder, scored by tiny random versions
+    of all five of the paper's rewards; table.md has every column, finite, and the time per image."""
+    from sd_tiny import write_pipeline
+    from test_imagereward import TH, VH, checkpoint, write_bert_tokenizer
+    from test_rewards import HEADS, write_files
+    from tiny import run_cfg
+
+    import runs
+    write_pipeline(str(tmp_path / "sd"))
+    f = write_files(tmp_path / "rw")
+    torch.save(checkpoint(), tmp_path / "ImageReward.pt")
+    write_bert_tokenizer(tmp_path / "bert")
+    monkeypatch.setitem(config.REWARDS, "hps", lambda path, tokenizer=None, device=None, dtype=None: rewards.load_hps(
+        path, tokenizer, device, dtype, vision_heads=HEADS, text_heads=HEADS))
+    monkeypatch.setitem(config.REWARDS, "imagereward", lambda path, tokenizer=None, device=None, dtype=None:
+                        imagereward.load(path, str(tmp_path / "bert"), device, dtype, VH, TH))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\nthe dog\na cat and a dog\n")
+    cfg = run_cfg(tmp_path / "run", tmp_path, model=str(tmp_path / "sd"), hyper="toy-sd", steps=1, no_eval=True,
+                  prompts=str(prompts), lambda_reg=0.0, reward=f"clip:{f['root'] / 'clip'}", sample_steps=2)
+    runs.train("hyperalign", cfg)
+    score = (f"aesthetic:{f['root'] / 'clip'}+{f['root'] / 'mlp.pth'},pick:{f['root'] / 'clip'},"
+             f"imagereward:{tmp_path / 'ImageReward.pt'},clip:{f['root'] / 'clip'},hps:{f['root'] / 'hps.pt'}")
+    E.main(["--model", str(tmp_path / "sd"), "--score", score, "--reward-tokenizer", f["tok"], "--prompts",
+            str(prompts), "--hyper", str(tmp_path / "run"), "--sample-steps", "2", "--sample-seeds", "2",
+            "--out", str(tmp_path / "table"), "--bon", "2"])
+    table = json.load(open(tmp_path / "table" / "table.json"))["rows"]
+    assert list(table) == ["base", "HyperAlign-I (run)", "Best-of-2"]
+    for row in table.values():
+        assert {"aesthetic", "pick", "imagereward", "clip", "hps", "sec_per_image"} <= set(row)
+        assert all(torch.isfinite(torch.tensor([v["mean"], v["ci95"]])).all() for k, v in row.items()
+                   if k != "sec_per_image") and row["sec_per_image"] > 0
+    md = open(tmp_path / "table" / "table.md").read()
+    assert "| Method | Aesthetic ↑ | PickScore ↑ | ImageReward ↑ | CLIP ↑ | HPS ↑ | Time (s) ↓ |" in md
+
+
+def test_bad_arguments_exit_2(capsys):
+    for bad in (["--train-seeds", "x"], ["--sample-seeds", "0"], ["--rows", "nosuch"], ["--model", "m"]):
         with pytest.raises(SystemExit) as e:
-            E.parse_args(bad)
-        assert e.value.code == 2
-
-
-def test_claims_compare_hyperalign_with_the_baselines_and_order_the_variants():
-    row = lambda m, r, j, s: {"method": m, "reward/r": r, "judge/overall": j, "sec_per_image": s,  # noqa: E731
-                              "cost_x_base": s / 1.0}
-    rows = [row("base", 0.1, 0.2, 1.0), row("HyperAlign-S", 0.5, 0.4, 2.0), row("HyperAlign-I", 0.3, 0.5, 1.1),
-            row("static LoRA", 0.4, 0.3, 1.0), row("Best-of-8", 0.6, 0.3, 8.0), row("guidance ρ=1", 0.7, 0.1, 30.0)]
-    text = E.claims(rows, "reward/r")
-    assert "- HyperAlign-S beats static LoRA on reward/r: 0.5000 vs 0.4000" in text
-    assert "- HyperAlign-I does not beat Best-of-8 on reward/r" in text          # no per-image values: plain means
-    assert "quality order on reward/r: S > I" in text and "quality order on judge/overall: I > S" in text
-    assert "- guidance ρ=1 costs 30.0x the base model; HyperAlign-I 1.1x" in text
-
-
-def test_paired_comparison_says_tie_within_noise():
-    a = {"r": 0.51, "per_image": {"r": [0.5, 0.6, 0.4, 0.55]}}
-    b = {"r": 0.50, "per_image": {"r": [0.6, 0.4, 0.5, 0.5]}}
-    c = {"r": 0.40, "per_image": {"r": [0.4, 0.5, 0.3, 0.45]}}
-    assert E._versus(a, b, "r").startswith("ties with") and E._versus(a, c, "r") == "beats"
-    assert E._versus(c, a, "r") == "loses to"
+            E.main(bad)
+        assert e.value.code == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ")

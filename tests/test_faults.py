@@ -203,7 +203,7 @@ def test_corrupt_checkpoints_in_every_script(reference, tmp_path, capsys):
     exit_2(sample.main, ["--hyper", out, "--prompt", "a red circle", "--out", str(tmp_path / "x.png"),
                          "--device", "cpu"], capsys, "weights.safetensors")
     exit_2(analysis.main, ["--hyper", out, "--out", str(tmp_path / "fig")], capsys, "weights.safetensors")
-    exit_2(evaluate.main, ["--model", world.SD_DIR, "--reward", "toy-pref", "--prompts", "toy:unseen",
+    exit_2(evaluate.main, ["--model", world.SD_DIR, "--score", "toy-pref", "--prompts", "toy:unseen",
                                "--hyper", out, "--out", str(tmp_path / "t")], capsys, "weights.safetensors")
 
 

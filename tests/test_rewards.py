@@ -104,8 +104,11 @@ def openclip_reference(sd, pixels, ids):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    return write_files(tmp_path_factory.mktemp("rewards"))
+
+
+def write_files(root):
     """Tiny checkpoints on disk: HPS .pt, a CLIPModel folder (with tokenizer), an aesthetic MLP .pth."""
-    root = tmp_path_factory.mktemp("rewards")
     tok = str(root / "tokenizer")
     vocab = write_tokenizer(tok)
     sd = random_openclip_state_dict(vocab)

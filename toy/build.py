@@ -6,13 +6,14 @@ Stages, in order (each reads the files of the earlier ones from the root folder)
   vae    the SD-layout VAE                                                      (train_models.py)
   unet   the SD U-Net;  flux  the FLUX transformer                              (train_models.py)
   prefs  the preference pairs and the preference head                           (data.py, train_rewards.py)
+  ir     the toy ImageReward, from renders and their hard negatives             (data.py, train_rewards.py)
   eval   VAE PSNR, CLIP retrieval, judge accuracy of the base models; grids     (evaluate.py)
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -84,12 +85,15 @@ def save_flux(cfg: BuildConfig, flux, folder: str) -> None:
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
 
 
-STAGES = ("clip", "vae", "unet", "flux", "prefs", "eval")
+STAGES = ("clip", "vae", "unet", "flux", "prefs", "ir", "eval")
 
 
-def build(preset: str = "full", root: str = world.ROOT, stages: tuple[str, ...] = STAGES) -> dict:
+def build(preset: str = "full", root: str = world.ROOT, stages: tuple[str, ...] = STAGES, threads: int | None = None
+          ) -> dict:
     """Rebuild the shipped files under `root`, stage by stage; a stage loads earlier stages' files from `root`."""
     cfg, t_all, mine = PRESETS[preset], time.time(), {}
+    if threads:
+        cfg = replace(cfg, threads=threads)
     torch.set_num_threads(cfg.threads)
     mine["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     for stage in stages:
@@ -124,6 +128,16 @@ def build(preset: str = "full", root: str = world.ROOT, stages: tuple[str, ...] 
             save_folder(head, os.path.join(root, "pref"), {"clip": "../clip", "width": cfg.clip_width},
                         "model.safetensors")
             mine.update(figures)
+        elif stage == "ir":
+            import imagereward
+            folder = os.path.join(root, "ir")
+            train_rewards.write_bert_tokenizer(os.path.join(folder, "tokenizer"))
+            reward, figures = train_rewards.train_image_reward(cfg, os.path.join(folder, "tokenizer"))
+            sd = weights.rename(reward.model.state_dict(), imagereward.TO_RELEASE)      # the released layout
+            files.save_torch(os.path.join(folder, "ImageReward.pt"), {k: v.contiguous() for k, v in sd.items()})
+            _json(os.path.join(folder, "config.json"), {"vision_heads": 2, "text_heads": 2, "mean": reward.mean,
+                                                        "std": reward.std})
+            mine.update(figures)
         elif stage == "eval":
             mine.update(evaluate.evaluate(cfg, root))
         else:
@@ -146,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["build"])
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     p.add_argument("--root", default=world.ROOT)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1: fastest on a busy machine)")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)}; later stages read earlier ones' files")
     a = p.parse_args(argv)
@@ -154,5 +169,5 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: --stages: unknown {bad}; known: {','.join(STAGES)}", file=sys.stderr)
         return 2
-    build(a.preset, a.root, stages)
+    build(a.preset, a.root, stages, a.threads)
     return 0

@@ -75,3 +75,56 @@ def write_prefs_parquet(pairs, path: str, seed: int) -> None:
         rows.append({"caption": caption, "jpg_0": png(a), "jpg_1": png(b), "label_0": float(first),
                      "label_1": float(not first)})
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=512)
+
+
+# ------------------------------------------------------------------------------------------------ hard negatives
+
+# NOTE: the toy ImageReward learns composition from these: the kinds of error the judge counts (binding, relation,
+# count, a missing object) and a wrong attribute, each as a (caption, image) pair that must score below the true one.
+HARD_KINDS = ("swap", "flip", "count", "missing", "attribute")
+
+
+def hard_negative(caption: str, kind: str, rng: random.Random) -> tuple[str, int | None]:
+    """(negative caption, object to leave out of the image or None) for a train caption. swap: the two objects'
+    colours exchanged (a binding error); flip: the relation reversed; count: one of the two objects alone; missing:
+    the same caption, one object left out of its render; attribute: one object's colour or shape changed. A
+    one-object caption gets an attribute change whatever the kind."""
+    p = world.parse(caption)
+    if p.relation is None or (kind == "swap" and p.objects[0].colour == p.objects[1].colour):
+        kind = "attribute"
+    objs = list(p.objects)
+    if kind == "swap":
+        a, b = objs
+        return str(world.Prompt((world.Obj(b.colour, a.shape), world.Obj(a.colour, b.shape)), p.relation)), None
+    if kind == "flip":
+        return str(world.Prompt(p.objects, world.FLIP[p.relation])), None
+    if kind == "count":
+        return str(world.Prompt((rng.choice(objs),))), None
+    if kind == "missing":
+        return caption, rng.randrange(len(objs))
+    i = rng.randrange(len(objs))
+    used = {o.colour for o in objs}
+    if rng.random() < 0.5:
+        objs[i] = world.Obj(rng.choice([c for c in world.COLOURS if c not in used]), objs[i].shape)
+    else:
+        objs[i] = world.Obj(objs[i].colour, rng.choice([s for s in world.SHAPES if s != objs[i].shape]))
+    return str(world.Prompt(tuple(objs), p.relation)), None
+
+
+def hard_pairs(captions: list[str], seeds: list[int], rng: random.Random, kinds=HARD_KINDS):
+    """For each (caption, seed): its render, and a negative of one kind (cycling through `kinds`) that is either the
+    wrong caption for this render or this caption's wrong render (half each; 'missing' is always the latter).
+    -> (images (B, 3, H, W), negative captions [B], negative images (B, 3, H, W), kinds [B])."""
+    pos = world.render_batch(captions, seeds)
+    neg_caps, neg_imgs, used = [], [], []
+    for i, (c, s) in enumerate(zip(captions, seeds)):
+        kind = kinds[i % len(kinds)]
+        nc, omit = hard_negative(c, kind, rng)
+        if omit is not None:
+            neg_caps.append(c), neg_imgs.append(world.to_tensor([world.render(c, s, omit=omit)])[0])
+        elif rng.random() < 0.5:                                   # the wrong caption for the render
+            neg_caps.append(nc), neg_imgs.append(pos[i])
+        else:                                                      # the wrong caption's render for the caption
+            neg_caps.append(c), neg_imgs.append(world.render_batch([nc], [s])[0])
+        used.append(kind if world.parse(c).relation or kind == "missing" else "attribute")
+    return pos, neg_caps, torch.stack(neg_imgs), used

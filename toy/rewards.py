@@ -3,7 +3,9 @@ differentiable in the images, frozen. Their names in `--reward` specs are the ke
 them to the real ones); the path is optional: the shipped model.
 
     toy-clip   CLIP score with the toy CLIP: a bag of words, deliberately hackable
-    toy-pref   an HPS-like preference head on the toy CLIP, trained on the toy preference pairs
+    toy-pref   an HPS-like preference head on the toy CLIP, trained on the toy preference pairs: sees quality
+    toy-ir     the toy ImageReward (imagereward.py's architecture at toy size): sees composition (binding, relations,
+               counts, missing objects); loaded by the same code as the real ImageReward
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 
 import rewards
 import weights
-from toy.world import CLIP_DIR, PREF_DIR, SIZE
+from toy.world import CLIP_DIR, IR_DIR, PREF_DIR, SIZE
 
 def toy_clip_score(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> "rewards.CLIPReward":
     """CLIP score (Hessel et al. 2021) with the toy CLIP: 100 · cos(f_img, f_txt)."""
@@ -80,4 +82,15 @@ def toy_preference(path: str = "", tokenizer: str | None = None, device=None, dt
                          weights.load_tokenizer(tokenizer, clip_folder), head)
 
 
-REWARDS: dict[str, rewards.RewardMaker] = {"toy-clip": toy_clip_score, "toy-pref": toy_preference}
+def toy_image_reward(path: str = "", tokenizer: str | None = None, device=None, dtype=None):
+    """The shipped toy ImageReward (assets/toy/ir/: ImageReward.pt, tokenizer/, config.json with the head counts and
+    the score's normalisation), through imagereward.load like the real one."""
+    import imagereward
+    folder = path or IR_DIR
+    cfg = weights.read_config(folder)
+    return imagereward.load(os.path.join(folder, "ImageReward.pt"), tokenizer or os.path.join(folder, "tokenizer"),
+                            device, dtype, cfg["vision_heads"], cfg["text_heads"], cfg["mean"], cfg["std"])
+
+
+REWARDS: dict[str, rewards.RewardMaker] = {"toy-clip": toy_clip_score, "toy-pref": toy_preference,
+                                           "toy-ir": toy_image_reward}

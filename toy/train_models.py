@@ -55,6 +55,12 @@ class BuildConfig:
     # preference model
     pref_pairs: int = 4000             # shipped in prefs.parquet
     pref_steps: int = 600
+    # the toy ImageReward (composition-aware reward): a tiny BLIP ITM + ImageReward's MLP, Bradley-Terry on hard pairs
+    ir_steps: int = 3000
+    ir_batch: int = 64                 # pairs per step
+    ir_lr: float = 5e-4
+    ir_width: int = 128                # vision and text width (2 heads of 64)
+    ir_layers: tuple[int, int] = (3, 4)   # (vision, text) layers
     # evaluation
     eval_prompts: int = 64             # per split
     sd_steps: int = 25                 # default sampling settings (also written in the folders' README figures)
@@ -66,7 +72,7 @@ PRESETS = {
     "full": BuildConfig(),
     # a few steps of everything: checks the whole pipeline end to end in a minute (not the shipped models)
     "smoke": BuildConfig(clip_steps=3, vae_steps=3, latents=256, unet_steps=3, flux_steps=3, pref_pairs=64,
-                         pref_steps=3, eval_prompts=4, sd_steps=2, flux_sample_steps=2),
+                         pref_steps=3, ir_steps=3, ir_batch=8, eval_prompts=4, sd_steps=2, flux_sample_steps=2),
 }
 
 

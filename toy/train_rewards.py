@@ -1,7 +1,16 @@
-"""Training the toy world's reward models (`python -m toy build`, stage prefs): the HPS-like preference head
-(Bradley-Terry on the toy preference pairs, as HPS is trained on HPD's).
+"""Training the toy world's reward models (`python -m toy build`):
+
+  stage prefs   the HPS-like preference head on the frozen toy CLIP, Bradley-Terry on the toy preference pairs (as HPS
+                is trained on HPD's): it sees quality (blur, noise, colour casts, blotches) and missing objects, not
+                composition (relation and binding swaps: 44%)
+  stage ir      the toy ImageReward: ImageReward's own architecture (a BLIP image-text matcher + its MLP, imagereward.py)
+                at toy size, trained from scratch on renders against hard negatives (binding swaps, relation flips,
+                wrong counts, missing objects, wrong attributes): the reward that sees composition
 """
 from __future__ import annotations
+
+import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +19,7 @@ from tqdm import tqdm
 import rewards
 import weights
 from toy import world
+from toy import data
 from toy.data import DEGRADATIONS, make_pairs
 from toy.rewards import PrefHead, ToyPreference
 from toy.train_models import BuildConfig, optimizer, step
@@ -47,3 +57,87 @@ def train_preference_head(cfg: BuildConfig, clip_folder: str, pairs) -> tuple[Pr
     out.update({f"pref_acc_heldout_{k}": right[[i for i, p in enumerate(test) if p[3] == k]].mean().item()
                 for k in DEGRADATIONS})
     return head, out
+
+
+# ---------------------------------------------------------------------------------------------------- ImageReward
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_bert_tokenizer(folder: str) -> None:
+    """A BERT (WordPiece) tokenizer folder whose vocabulary is the world's words: [CLS] word ... [SEP]."""
+    from transformers import BertTokenizer
+    import os
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(BERT_SPECIALS + world.words()) + "\n")
+    BertTokenizer(path).save_pretrained(folder)
+
+
+def ir_config(cfg: BuildConfig, vocab: int):
+    """The toy ImageReward as a BlipConfig: 32 px, patch 4 (64 image tokens), width cfg.ir_width, 2 heads."""
+    from transformers import BlipConfig
+    W, (Lv, Lt) = cfg.ir_width, cfg.ir_layers
+    vision = dict(hidden_size=W, intermediate_size=4 * W, num_hidden_layers=Lv, num_attention_heads=2,
+                  image_size=world.SIZE, patch_size=4, layer_norm_eps=1e-6)
+    text = dict(vocab_size=vocab, hidden_size=W, encoder_hidden_size=W, intermediate_size=4 * W, num_hidden_layers=Lt,
+                num_attention_heads=2, max_position_embeddings=16, layer_norm_eps=1e-12, bos_token_id=None,
+                sep_token_id=None, pad_token_id=0)
+    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=W)
+
+
+def jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mild quality jitter (a 3x3 blur on 30% of the images, noise on half), so that the reward judges composition
+    on the blurrier images a diffusion model draws, not the renders' crispness."""
+    k = torch.rand(x.shape[0], 1, 1, 1, generator=g)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    x = torch.where(k < 0.3, blurred, x)
+    return x + 0.03 * torch.randn(x.shape, generator=g) * (torch.rand(x.shape[0], 1, 1, 1, generator=g) < 0.5)
+
+
+@torch.no_grad()
+def pair_accuracy(reward, split: str, n: int = 500, seed: int = 0) -> dict[str, float]:
+    """Share of hard pairs (fresh render seeds) where the true (caption, render) scores above the negative, by kind."""
+    rng = random.Random(seed)
+    caps = [rng.choice(world.prompts(split)) for _ in range(n)]
+    pos, neg_caps, neg, kinds = data.hard_pairs(caps, [5 * 10**7 + i for i in range(n)], rng)
+    right = (reward(pos, caps) > reward(neg, neg_caps)).float()
+    out = {"all": right.mean().item()}
+    out.update({k: right[[i for i, x in enumerate(kinds) if x == k]].mean().item()
+                for k in data.HARD_KINDS if k in kinds})
+    return out
+
+
+def train_image_reward(cfg: BuildConfig, tokenizer_folder: str):
+    """The toy ImageReward, trained from scratch: -log sigmoid(s (r(true) - r(negative))), s = 3, over hard pairs of
+    train-split renders (data.hard_pairs), AdamW with a one-cycle schedule. Returns (the reward with its normalisation
+    set so that scores of true pairs have mean 0 and std 1 on held-out renders, figures)."""
+    import imagereward
+    import weights
+    tokenizer = weights.load_tokenizer(tokenizer_folder, kind="bert")
+    torch.manual_seed(cfg.seed)
+    model = imagereward.ImageRewardModel(ir_config(cfg, len(tokenizer)))
+    reward = imagereward.ImageReward(model, tokenizer, mean=0.0, std=1.0)
+    model.train().requires_grad_(True)
+    opt, sched = optimizer(model.parameters(), cfg.ir_lr, cfg.ir_steps)
+    rng, g = random.Random(cfg.seed + 11), torch.Generator().manual_seed(cfg.seed + 12)
+    bar = tqdm(range(cfg.ir_steps), desc="toy ImageReward")
+    for i in bar:
+        caps = [rng.choice(world.prompts("train")) for _ in range(cfg.ir_batch)]
+        pos, neg_caps, neg, _ = data.hard_pairs(caps, [10**8 + i * cfg.ir_batch + j for j in range(cfg.ir_batch)], rng)
+        r = reward.forward(jitter(torch.cat([pos, neg]), g), caps + neg_caps)
+        loss = F.softplus(-3 * (r[:cfg.ir_batch] - r[cfg.ir_batch:])).mean()
+        step(opt, sched, loss, model)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval().requires_grad_(False)
+    with torch.no_grad():                                     # normalise as ImageReward does: (r - mean) / std
+        rng2 = random.Random(cfg.seed + 13)
+        caps = [rng2.choice(world.prompts("train")) for _ in range(512)]
+        r = reward.forward(world.render_batch(caps, 6 * 10**7), caps)
+        reward.mean, reward.std = r.mean().item(), max(r.std().item(), 1e-6)
+    figures = {f"ir_acc_train_{k}": v for k, v in pair_accuracy(reward, "train").items()}
+    figures.update({f"ir_acc_heldout_{k}": v for k, v in pair_accuracy(reward, "heldout").items()})
+    figures.update(ir_mean=reward.mean, ir_std=reward.std, ir_params=sum(p.numel() for p in model.parameters()))
+    assert math.isfinite(reward.mean)
+    return reward, figures

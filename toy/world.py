@@ -12,6 +12,7 @@ Shipped files (assets/toy/, rebuilt by `python -m toy build`):
   flux/        diffusers FLUX folder: transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/
   clip/        the whole toy CLIPModel (vision + text towers), used by the toy CLIP score
   pref/        the toy preference model's head (HPS-like), on the frozen toy CLIP
+  ir/          the toy ImageReward (ImageReward.pt in the released layout, a BERT tokenizer, config.json)
   prefs.parquet  toy preference pairs in Pick-a-Pic layout (caption, jpg_0, jpg_1, label_0, label_1; PNG bytes)
   metrics.json   figures measured by the build (VAE PSNR, CLIP retrieval, judge accuracy of the base models)
 
@@ -31,7 +32,7 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
-SD_DIR, FLUX_DIR, CLIP_DIR, PREF_DIR = (os.path.join(ROOT, d) for d in ("sd", "flux", "clip", "pref"))
+SD_DIR, FLUX_DIR, CLIP_DIR, PREF_DIR, IR_DIR = (os.path.join(ROOT, d) for d in ("sd", "flux", "clip", "pref", "ir"))
 PREFS_PATH = os.path.join(ROOT, "prefs.parquet")
 METRICS_PATH = os.path.join(ROOT, "metrics.json")
 
