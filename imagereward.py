@@ -69,7 +69,11 @@ class ImageRewardModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, S, S) preprocessed, ids / mask (B, L) -> MLP output (B,)."""
-        image_embeds = self.blip.vision_model(pixel_values=pixels).last_hidden_state              # (B, N, D_v)
+        return self.score_embeds(self.blip.vision_model(pixel_values=pixels).last_hidden_state, ids, mask)
+
+    def score_embeds(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoded images (B, N, D_v), ids / mask (B, L) -> MLP output (B,): one image can be scored against many
+        captions without encoding it again."""
         text = self.blip.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
                                       encoder_attention_mask=torch.ones(image_embeds.shape[:2], dtype=torch.long,
                                                                         device=ids.device),
@@ -128,12 +132,16 @@ class ImageReward(Reward):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         check_inputs(images, prompts)
+        pixels = clip_preprocess(images, self.size).to(self.model.mlp.layers[0].weight.dtype)     # (B, 3, S, S)
+        return self.score(self.model.blip.vision_model(pixel_values=pixels).last_hidden_state, prompts)
+
+    def score(self, image_embeds: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """The normalised score of encoded images (B, N, D_v) against their prompts [B]: (B,)."""
         device = self.model.mlp.layers[0].weight.device
         text = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt")
-        pixels = clip_preprocess(images, self.size).to(self.model.mlp.layers[0].weight.dtype)     # (B, 3, S, S)
-        out = self.model(pixels, text.input_ids.to(device), text.attention_mask.to(device))
-        return ((out.float() - self.mean) / self.std)                                           # (B,)
+        out = self.model.score_embeds(image_embeds, text.input_ids.to(device), text.attention_mask.to(device))
+        return (out.float() - self.mean) / self.std                                              # (B,)
 
 
 def load(path: str, tokenizer: str | None = None, device=None, dtype=None, vision_heads: int = 16,
@@ -148,4 +156,11 @@ def load(path: str, tokenizer: str | None = None, device=None, dtype=None, visio
     return ImageReward(model, folder, mean, std)
 
 
-REWARDS = {"imagereward": lambda path, tokenizer=None, device=None, dtype=None: load(path, tokenizer, device, dtype)}
+def _make(path: str, tokenizer=None, device=None, dtype=None) -> ImageReward:
+    """`imagereward:ImageReward.pt+BERT_TOKENIZER_FOLDER` (the folder may be left out: tokenizer/ beside the .pt).
+    --reward-tokenizer is not used here: it is the CLIP tokenizer that HPS and PickScore share."""
+    checkpoint, _, folder = path.partition("+")
+    return load(checkpoint, folder or None, device, dtype)
+
+
+REWARDS = {"imagereward": _make}

@@ -124,7 +124,45 @@ def blocks(results: str) -> dict[str, str]:
     search = os.path.join(results, "search.json")
     if os.path.isfile(search):
         out["search"] = search_table(files.read_json(search, "search results"))
+    figures = os.path.join(ROOT, "docs", "figures", "analysis.json")
+    if os.path.isfile(figures):
+        out["analysis"] = analysis_table(files.read_json(figures, "analysis figures"))
+    toy = os.path.join(ROOT, "assets", "toy", "metrics.json")
+    if os.path.isfile(toy):
+        out["toy-world"] = toy_table(files.read_json(toy, "toy world metrics"))
     return out
+
+
+def analysis_table(a: dict) -> str:
+    """docs/figures/analysis.json (analysis.py): how much the generated LoRA depends on its input."""
+    f = lambda k, fmt="{:.3f}": fmt.format(a[k]) if k in a else "—"
+    pca = a.get("pca_explained", [float("nan")] * 2)
+    rows = [("run", f"`{a.get('run', '—')}`"),
+            ("adaptivity at x_T: share of E‖Δθ‖² between prompts × seeds (Fig. 9's inputs)", f("adaptivity_x_T")),
+            ("… of which between prompts alone", f("adaptivity_prompts")),
+            ("adaptivity along the trajectory: share between steps (S, Fig. 8)", f("adaptivity_trajectory")),
+            ("Fig. 9: variance in PCA components 1 / 2", f"{pca[0]:.1%} / {pca[1]:.1%}"),
+            ("Fig. 8: cos(Δθ at the last step, Δθ at the first), mean over prompts", f("cos_first_last")),
+            ("Fig. 4: P's key steps from the curvature", ", ".join(map(str, a.get("key_steps", []))))]
+    return "\n".join(["| measured (`docs/figures/analysis.json`) | value |", "|---|---|"] +
+                     [f"| {k} | {v} |" for k, v in rows])
+
+
+def toy_table(m: dict) -> str:
+    """assets/toy/metrics.json (`python -m toy build`): how good the shipped toy models and rewards are."""
+    pct = lambda k: f"{m[k]:.0%}" if k in m else "—"
+    judge = lambda model, split: " / ".join(pct(f"{model}_{split}_{k}") for k in ("overall", "binding", "colour", "count"))
+    rows = [("VAE reconstruction PSNR, held-out renders", "—", f"{m['vae_psnr_heldout']:.1f} dB"),
+            ("toy CLIP top-1 text → image retrieval (100 candidates)", pct("clip_top1_train"), pct("clip_top1_heldout")),
+            ("toy SD, 25 DDIM steps, CFG 5: judge overall / binding / colour / count", judge("sd", "train"),
+             judge("sd", "heldout")),
+            ("toy FLUX, 25 Euler steps: judge overall / binding / colour / count", judge("flux", "train"),
+             judge("flux", "heldout")),
+            ("toy-pref: preferred image ranked first, held-out pairs", "—", pct("pref_acc_heldout"))]
+    rows += [(f"toy-ir: right caption ranked first, held-out {k.split('_')[-1]} pairs", pct(k.replace("heldout", "train")),
+              pct(k)) for k in sorted(m) if k.startswith("ir_acc_heldout")]
+    return "\n".join(["| measured (`assets/toy/metrics.json`) | train prompts | held-out prompts |", "|---|---|---|"] +
+                      [f"| {a} | {b} | {c} |" for a, b, c in rows])
 
 
 def search_table(s: dict) -> str:

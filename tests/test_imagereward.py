@@ -134,11 +134,15 @@ def test_imagereward_matches_the_reference_forward_and_gradients_reach_the_image
 
 
 def test_the_spec_and_strict_loading(released, monkeypatch):
+    import functools
+    import shutil
     import config
-    monkeypatch.setitem(config.REWARDS, "imagereward", lambda path, tokenizer=None, device=None, dtype=None:
-                        imagereward.load(path, tokenizer, device, dtype, vision_heads=VH, text_heads=TH))
-    r = config.load_reward(f"imagereward:{released / 'ImageReward.pt'}")
-    assert r(torch.rand(1, 3, IMG, IMG), ["a cat"]).shape == (1,)
+    monkeypatch.setattr(imagereward, "load", functools.partial(imagereward.load, vision_heads=VH, text_heads=TH))
+    r = config.load_reward(f"imagereward:{released / 'ImageReward.pt'}")            # tokenizer/ beside the .pt
+    x = torch.rand(1, 3, IMG, IMG)
+    shutil.move(released / "tokenizer", released / "bert")                             # or named: PT+FOLDER
+    r2 = config.load_reward(f"imagereward:{released / 'ImageReward.pt'}+{released / 'bert'}")
+    assert r(x, ["a cat"]).shape == (1,) and torch.equal(r(x, ["a cat"]), r2(x, ["a cat"]))
     sd = checkpoint()
     sd.pop("blip.text_encoder.encoder.layer.1.crossattention.self.key.weight")
     torch.save(sd, released / "bad.pt")

@@ -220,3 +220,33 @@ def test_toy_preference_in_bf16_is_close_to_fp32():
     r32 = toy_rewards.toy_preference()(x, caps)
     r16 = toy_rewards.toy_preference(dtype=torch.bfloat16)(x, caps)
     assert r16.dtype == torch.float32 and (r16 - r32).abs().max() < 0.05
+
+
+def test_hard_negatives_stay_in_their_split_and_change_what_they_say():
+    rng = random.Random(0)
+    for split in ("train", "heldout"):
+        for caption in world.prompts(split)[::7]:
+            for kind in data.HARD_KINDS:
+                neg, omit, made = data.hard_negative(caption, kind, rng)
+                assert (neg != caption) != (omit is not None)             # a wrong caption, or a wrong render
+                if made != "count":                                       # a single object is in no relation split
+                    assert world.is_heldout(neg) == world.is_heldout(caption), (caption, kind, neg)
+                assert made == kind or (made == "attribute" and kind == "swap") or world.parse(caption).relation is None
+    neg, _, made = data.hard_negative("a yellow circle left of a magenta square", "swap", rng)
+    assert (neg, made) == ("a magenta circle left of a yellow square", "swap")
+    neg, _, made = data.hard_negative("a red circle left of a green square", "swap", rng)    # 'red square' is held
+    assert made == "attribute" and not world.is_heldout(neg)                                 # out: no swap
+
+
+def test_toy_image_reward_stage_writes_the_released_layout(tmp_path):
+    """The "ir" build stage (smoke preset) writes ImageReward.pt in the released layout + tokenizer + config, and
+    toy-ir loads it through imagereward.load, differentiable in the images."""
+    from toy import build
+    build.build("smoke", str(tmp_path), ("ir",))
+    sd = torch.load(tmp_path / "ir" / "ImageReward.pt")
+    assert any(k.startswith("blip.visual_encoder.blocks.0.attn.qkv") for k in sd)
+    r = toy_rewards.toy_image_reward(str(tmp_path / "ir"))
+    caps = ["a red circle left of a blue square", "a yellow triangle"]
+    x = world.render_batch(caps, 0).requires_grad_(True)
+    r(x, caps).sum().backward()
+    assert x.grad.abs().sum() > 0 and not any(p.requires_grad for p in r.parameters())

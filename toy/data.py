@@ -84,31 +84,35 @@ def write_prefs_parquet(pairs, path: str, seed: int) -> None:
 HARD_KINDS = ("swap", "flip", "count", "missing", "attribute")
 
 
-def hard_negative(caption: str, kind: str, rng: random.Random) -> tuple[str, int | None]:
-    """(negative caption, object to leave out of the image or None) for a train caption. swap: the two objects'
-    colours exchanged (a binding error); flip: the relation reversed; count: one of the two objects alone; missing:
-    the same caption, one object left out of its render; attribute: one object's colour or shape changed. A
-    one-object caption gets an attribute change whatever the kind."""
+def hard_negative(caption: str, kind: str, rng: random.Random) -> tuple[str, int | None, str]:
+    """(negative caption, object to leave out of the image or None, the kind made) for a caption. swap: the two objects' colours
+    exchanged (a binding error); flip: the relation reversed; count: one of the two objects alone; missing: the same
+    caption, one object left out of its render; attribute: one object's colour or shape changed. A one-object caption
+    gets an attribute change whatever the kind.
+    NOTE: a negative caption stays in its caption's split (train / heldout): the swap of a train caption is often a
+    held-out composition, and a reward that only ever saw those as negatives learns that held-out compositions are
+    wrong (the first toy ImageReward scored held-out swap pairs at 29%, below chance). A swap that would cross
+    becomes an attribute change; an attribute change picks among the changes that stay."""
     p = world.parse(caption)
-    if p.relation is None or (kind == "swap" and p.objects[0].colour == p.objects[1].colour):
-        kind = "attribute"
+    same = lambda c: world.is_heldout(c) == world.is_heldout(caption)
     objs = list(p.objects)
-    if kind == "swap":
+    if kind == "swap" and p.relation is not None and objs[0].colour != objs[1].colour:
         a, b = objs
-        return str(world.Prompt((world.Obj(b.colour, a.shape), world.Obj(a.colour, b.shape)), p.relation)), None
-    if kind == "flip":
-        return str(world.Prompt(p.objects, world.FLIP[p.relation])), None
-    if kind == "count":
-        return str(world.Prompt((rng.choice(objs),))), None
-    if kind == "missing":
-        return caption, rng.randrange(len(objs))
-    i = rng.randrange(len(objs))
+        swapped = str(world.Prompt((world.Obj(b.colour, a.shape), world.Obj(a.colour, b.shape)), p.relation))
+        if same(swapped):
+            return swapped, None, kind
+    if kind == "flip" and p.relation is not None:
+        return str(world.Prompt(p.objects, world.FLIP[p.relation])), None, kind
+    if kind == "count" and p.relation is not None:
+        return str(world.Prompt((rng.choice(objs),))), None, kind
+    if kind == "missing" and p.relation is not None:
+        return caption, rng.randrange(len(objs)), kind
     used = {o.colour for o in objs}
-    if rng.random() < 0.5:
-        objs[i] = world.Obj(rng.choice([c for c in world.COLOURS if c not in used]), objs[i].shape)
-    else:
-        objs[i] = world.Obj(objs[i].colour, rng.choice([s for s in world.SHAPES if s != objs[i].shape]))
-    return str(world.Prompt(tuple(objs), p.relation)), None
+    options = [str(world.Prompt(tuple(world.Obj(c, o.shape) if j == i else x for j, x in enumerate(objs)), p.relation))
+               for i, o in enumerate(objs) for c in world.COLOURS if c not in used]
+    options += [str(world.Prompt(tuple(world.Obj(o.colour, sh) if j == i else x for j, x in enumerate(objs)),
+                                 p.relation)) for i, o in enumerate(objs) for sh in world.SHAPES if sh != o.shape]
+    return rng.choice([c for c in options if same(c)] or options), None, "attribute"
 
 
 def hard_pairs(captions: list[str], seeds: list[int], rng: random.Random, kinds=HARD_KINDS):
@@ -119,12 +123,12 @@ def hard_pairs(captions: list[str], seeds: list[int], rng: random.Random, kinds=
     neg_caps, neg_imgs, used = [], [], []
     for i, (c, s) in enumerate(zip(captions, seeds)):
         kind = kinds[i % len(kinds)]
-        nc, omit = hard_negative(c, kind, rng)
+        nc, omit, made = hard_negative(c, kind, rng)
         if omit is not None:
             neg_caps.append(c), neg_imgs.append(world.to_tensor([world.render(c, s, omit=omit)])[0])
         elif rng.random() < 0.5:                                   # the wrong caption for the render
             neg_caps.append(nc), neg_imgs.append(pos[i])
         else:                                                      # the wrong caption's render for the caption
             neg_caps.append(c), neg_imgs.append(world.render_batch([nc], [s])[0])
-        used.append(kind if world.parse(c).relation or kind == "missing" else "attribute")
+        used.append(made)
     return pos, neg_caps, torch.stack(neg_imgs), used

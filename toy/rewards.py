@@ -84,11 +84,12 @@ def toy_preference(path: str = "", tokenizer: str | None = None, device=None, dt
 
 def toy_image_reward(path: str = "", tokenizer: str | None = None, device=None, dtype=None):
     """The shipped toy ImageReward (assets/toy/ir/: ImageReward.pt, tokenizer/, config.json with the head counts and
-    the score's normalisation), through imagereward.load like the real one."""
+    the score's normalisation), through imagereward.load like the real one. `tokenizer` (--reward-tokenizer, the CLIP
+    tokenizer of the CLIP-style rewards) is not used: the BERT tokenizer is the one in the folder."""
     import imagereward
     folder = path or IR_DIR
     cfg = weights.read_config(folder)
-    return imagereward.load(os.path.join(folder, "ImageReward.pt"), tokenizer or os.path.join(folder, "tokenizer"),
+    return imagereward.load(os.path.join(folder, "ImageReward.pt"), os.path.join(folder, "tokenizer"),
                             device, dtype, cfg["vision_heads"], cfg["text_heads"], cfg["mean"], cfg["std"])
 
 

@@ -56,11 +56,13 @@ class BuildConfig:
     pref_pairs: int = 4000             # shipped in prefs.parquet
     pref_steps: int = 600
     # the toy ImageReward (composition-aware reward): a tiny BLIP ITM + ImageReward's MLP, Bradley-Terry on hard pairs
-    ir_steps: int = 3000
-    ir_batch: int = 64                 # pairs per step
+    ir_steps: int = 2000
+    ir_batch: int = 32                 # renders per step
+    ir_negatives: int = 3              # in-batch captions per render, besides the hard negatives
     ir_lr: float = 5e-4
     ir_width: int = 128                # vision and text width (2 heads of 64)
     ir_layers: tuple[int, int] = (3, 4)   # (vision, text) layers
+    ir_patch: int = 8                  # ViT patch size (32 px images: 16 image tokens)
     # evaluation
     eval_prompts: int = 64             # per split
     sd_steps: int = 25                 # default sampling settings (also written in the folders' README figures)

@@ -76,11 +76,11 @@ def write_bert_tokenizer(folder: str) -> None:
 
 
 def ir_config(cfg: BuildConfig, vocab: int):
-    """The toy ImageReward as a BlipConfig: 32 px, patch 4 (64 image tokens), width cfg.ir_width, 2 heads."""
+    """The toy ImageReward as a BlipConfig: 32 px, patch cfg.ir_patch, width cfg.ir_width, 2 heads."""
     from transformers import BlipConfig
     W, (Lv, Lt) = cfg.ir_width, cfg.ir_layers
     vision = dict(hidden_size=W, intermediate_size=4 * W, num_hidden_layers=Lv, num_attention_heads=2,
-                  image_size=world.SIZE, patch_size=4, layer_norm_eps=1e-6)
+                  image_size=world.SIZE, patch_size=cfg.ir_patch, layer_norm_eps=1e-6)
     text = dict(vocab_size=vocab, hidden_size=W, encoder_hidden_size=W, intermediate_size=4 * W, num_hidden_layers=Lt,
                 num_attention_heads=2, max_position_embeddings=16, layer_norm_eps=1e-12, bos_token_id=None,
                 sep_token_id=None, pad_token_id=0)
@@ -110,9 +110,16 @@ def pair_accuracy(reward, split: str, n: int = 500, seed: int = 0) -> dict[str, 
 
 
 def train_image_reward(cfg: BuildConfig, tokenizer_folder: str):
-    """The toy ImageReward, trained from scratch: -log sigmoid(s (r(true) - r(negative))), s = 3, over hard pairs of
-    train-split renders (data.hard_pairs), AdamW with a one-cycle schedule. Returns (the reward with its normalisation
-    set so that scores of true pairs have mean 0 and std 1 on held-out renders, figures)."""
+    """The toy ImageReward, trained from scratch on train-split renders with two losses, AdamW, one-cycle schedule:
+
+      * captions: each render against its true caption, one hard negative of every kind that changes the caption
+        (swap, flip, attribute, count: data.hard_negative) and cfg.ir_negatives other captions of the batch;
+        cross-entropy over the candidates, scores x 3 (listwise, as retrieval models are trained);
+      * images: half the batch as hard pairs (data.hard_pairs: the wrong render for a caption, or a render with an
+        object missing), -log sigmoid(3 (r(true) - r(negative))), as ImageReward ranks images of one prompt.
+    The listwise loss taught attributes (a colour or a shape changed) in a few hundred steps where the pairwise loss
+    alone had not. Returns (the reward with its normalisation set so that scores of true pairs have mean 0 and std 1
+    on train renders, figures)."""
     import imagereward
     import weights
     tokenizer = weights.load_tokenizer(tokenizer_folder, kind="bert")
@@ -122,14 +129,25 @@ def train_image_reward(cfg: BuildConfig, tokenizer_folder: str):
     model.train().requires_grad_(True)
     opt, sched = optimizer(model.parameters(), cfg.ir_lr, cfg.ir_steps)
     rng, g = random.Random(cfg.seed + 11), torch.Generator().manual_seed(cfg.seed + 12)
+    B, half, train = cfg.ir_batch, cfg.ir_batch // 2, world.prompts("train")
     bar = tqdm(range(cfg.ir_steps), desc="toy ImageReward")
     for i in bar:
-        caps = [rng.choice(world.prompts("train")) for _ in range(cfg.ir_batch)]
-        pos, neg_caps, neg, _ = data.hard_pairs(caps, [10**8 + i * cfg.ir_batch + j for j in range(cfg.ir_batch)], rng)
-        r = reward.forward(jitter(torch.cat([pos, neg]), g), caps + neg_caps)
-        loss = F.softplus(-3 * (r[:cfg.ir_batch] - r[cfg.ir_batch:])).mean()
-        step(opt, sched, loss, model)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        caps = [rng.choice(train) for _ in range(B)]
+        seeds = [10**8 + i * B + j for j in range(B)]
+        pixels = rewards.clip_preprocess(jitter(world.render_batch(caps, seeds), g), reward.size)
+        embeds = model.blip.vision_model(pixel_values=pixels).last_hidden_state                  # (B, N, D)
+        cands = [[c] + [data.hard_negative(c, k, rng)[0] for k in ("swap", "flip", "attribute", "count")] +
+                 [caps[x] for x in rng.sample([x for x in range(B) if x != j], cfg.ir_negatives)]
+                 for j, c in enumerate(caps)]
+        n = len(cands[0])
+        s = reward.score(embeds.repeat_interleave(n, 0), [c for row in cands for c in row]).view(B, n)
+        dup = torch.tensor([[k > 0 and c == row[0] for k, c in enumerate(row)] for row in cands])
+        listwise = F.cross_entropy(3 * s.masked_fill(dup, -1e4), torch.zeros(B, dtype=torch.long))
+        pos, neg_caps, neg, _ = data.hard_pairs(caps[:half], seeds[:half], rng)
+        r = reward.forward(jitter(torch.cat([pos, neg]), g), caps[:half] + neg_caps)
+        pairwise = F.softplus(-3 * (r[:half] - r[half:])).mean()
+        step(opt, sched, listwise + pairwise, model)
+        bar.set_postfix(listwise=f"{listwise.item():.3f}", pairwise=f"{pairwise.item():.3f}")
     model.eval().requires_grad_(False)
     with torch.no_grad():                                     # normalise as ImageReward does: (r - mean) / std
         rng2 = random.Random(cfg.seed + 13)
