@@ -93,9 +93,10 @@ def claims(rows: dict[str, dict]) -> str:
              ("HyperAlign-S", "HyperAlign-P"), ("HyperAlign-P", "HyperAlign-I"), ("HyperAlign-S", "base"),
              ("HyperAlign-I", "base"), ("static LoRA", "base"), ("Direct-Align + SRPO reward", "base"),
              ("ablation: L_R only (λ = 0)", "base"), ("ablation: L_G only", "base"),
-             ("toy-clip reward, λ = 0", "base"), ("toy-clip reward, λ > 0", "base")]
+             ("HyperAlign-I", "ablation: L_R only (λ = 0)"), ("toy-clip reward, no L_G", "base"),
+             ("toy-clip reward, with L_G", "base"), ("toy-clip reward, no L_G", "toy-clip reward, with L_G")]
     for a, b in pairs:
-        for key in (reward, "judge/overall") + (("saturation",) if "toy-clip" in a else ()):
+        for key in (reward, "judge/overall") + (("reward/toy-clip", "saturation") if "toy-clip" in a else ()):
             line = diff(a, b, key)
             if line:
                 lines.append(line)
@@ -115,15 +116,16 @@ def blocks(results: str) -> dict[str, str]:
     for model, rows in data.items():
         order = ["base", "HyperAlign-S", "HyperAlign-P", "HyperAlign-I", "static LoRA", "Best-of-8", "guidance",
                  "Direct-Align + SRPO reward", "ablation: L_R only (λ = 0)", "ablation: L_G only",
-                 "toy-clip reward, λ = 0", "toy-clip reward, λ > 0"]
+                 "toy-clip reward, no L_G", "toy-clip reward, with L_G"]
         rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else 99)}
         proto = next(iter(rows.values()))["protocol"]
         out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(rows, "unseen")
         out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(rows, "heldout")
         out[f"{model}-claims"] = claims(rows)
-    search = os.path.join(results, "search.json")
-    if os.path.isfile(search):
-        out["search"] = search_table(files.read_json(search, "search results"))
+    for name in ("search", "search-first"):
+        path = os.path.join(results, f"{name}.json")
+        if os.path.isfile(path):
+            out[name] = search_table(files.read_json(path, "search results"))
     figures = os.path.join(ROOT, "docs", "figures", "analysis.json")
     if os.path.isfile(figures):
         out["analysis"] = analysis_table(files.read_json(figures, "analysis figures"))
@@ -166,9 +168,16 @@ def toy_table(m: dict) -> str:
 
 
 def search_table(s: dict) -> str:
+    """A settings search (evaluate.py --search): every setting's val reward and judge, the chosen ones in bold."""
+    def setting(d: dict) -> str:
+        names = {"reward_mode": "L_R", "reward_from": "from", "lambda_reg": "λ", "lr": "lr", "rho": "ρ"}
+        return ", ".join(f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
+                         for k, v in d.items())
     lines = [f"| method | setting | val reward ({s.get('reward', 'toy-ir')}) | val judge | chosen |", "|---|---|---|---|---|"]
+    if "base" in s:
+        lines.append(f"| base model | — | {s['base']['reward']:.4f} | {s['base']['judge']:.4f} | |")
     for r in s["runs"]:
-        lines.append(f"| {r['method']} | {r['setting']} | {r['reward']:.4f} | {r['judge']:.4f} | "
+        lines.append(f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} | "
                      f"{'**yes**' if r.get('chosen') else ''} |")
     return "\n".join(lines)
 

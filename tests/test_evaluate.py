@@ -127,9 +127,16 @@ def test_paper_table_on_a_tiny_random_sd_checkpoint(tmp_path, monkeypatch, capsy
 
 
 def test_bad_arguments_exit_2(capsys):
-    for bad in (["--train-seeds", "x"], ["--sample-seeds", "0"], ["--rows", "nosuch"], ["--model", "m"]):
+    for bad in (["--train-seeds", "x"], ["--sample-seeds", "0"], ["--rows", "nosuch"], ["--model", "m"],
+                ["--search-part", "2/2"], ["--search-part", "x"]):
         with pytest.raises(SystemExit) as e:
             E.main(bad)
         assert e.value.code == 2, bad
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_every_row_has_its_own_files():
+    """Each row's slug names its JSON and run folders: two rows with one slug would overwrite each other."""
+    slugs = [r.slug for r in E.ROWS]
+    assert len(set(slugs)) == len(slugs), slugs

@@ -17,8 +17,11 @@ def test_untrained_hypernetwork_gives_exactly_the_base_samples(kind):
     ha = make_ha(pipe, "S")
     factors = ha.factors(pipe.noise(2, torch.Generator().manual_seed(0)), pipe.t_batch(pipe.timesteps()[0], 2),
                          pipe.conds(["a", "b"])[0])
-    for A, B in factors.values():
-        assert torch.count_nonzero(A) == 0 and B.abs().sum() > 0          # A = M(x) A_T with M = 0: Δθ = 0 exactly
+    R = ha.cfg.rank
+    for A, B in factors.values():          # [B − B⁰, B⁰] · [M A ; M A − M⁰ A⁰]: each product has a zero factor
+        assert A.shape[1] == B.shape[2] == 2 * R
+        assert torch.count_nonzero(B[..., :R]) == 0 and torch.count_nonzero(A[:, R:]) == 0
+        assert A[:, :R].abs().sum() > 0 and B[..., R:].abs().sum() > 0 and torch.count_nonzero(B @ A) == 0
     prompts = ["a red circle", "a blue square", "two green things"]
     for n in (1, 3):                                                     # 1: merged path, 3: per-sample vmap
         cond, uncond = pipe.conds(prompts[:n])
@@ -78,15 +81,16 @@ def test_the_decoder_learns_from_the_first_step_and_only_the_hypernetwork_gets_g
     ha = make_ha(pipe, "S")
     batch = next(prefs.stream(pref_pairs(), 2, 16))
     H.training_step(ha, pipe, redness, ["a", "b"], batch, 1.0, torch.Generator().manual_seed(0))
-    frozen = [*pipe.backbone.model.parameters(), *pipe.vae.parameters(), *ha.hypernet.decoder0.parameters()]
-    assert all(p.grad is None for p in frozen)                    # generator, VAE and the frozen decoder₀ untouched
+    net = ha.hypernet
+    frozen = [*pipe.backbone.model.parameters(), *pipe.vae.parameters(), *net.decoder0.parameters(), *net.a0, *net.b0]
+    assert all(p.grad is None for p in frozen)                    # generator, VAE and the frozen ⁰ copies untouched
     grads = {n: p.grad for n, p in ha.hypernet.decoder.named_parameters()}
     # Δθ = 0 at init, yet every weight of the decoder gets a gradient at the first step (the queries too: zero at
     # init, they still feed the attention)
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), \
         [n for n, g in grads.items() if g is None or g.abs().sum() == 0]
-    # A_T and B_T multiply M = 0 at the first step: their first gradient is zero, they move from the second step
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in [*ha.hypernet.a, *ha.hypernet.b])
+    # and so does every A_T and B_T: no factor of the learned LoRA is zero at the start
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*net.a, *net.b])
 
 
 def test_every_number_of_delta_theta_depends_on_the_input():
