@@ -1,6 +1,6 @@
 """Train the static-LoRA baseline with exactly train.py's settings, data and loss: `python baselines.py`.
 
-One set of LoRA factors for every input (methods.StaticLoRA), trained by hyperalign.training_step as HyperAlign's
+One set of LoRA factors for every input (methods.StaticLoRA), trained by losses.training_step as HyperAlign's
 hypernetwork is, on the same targets, rank, prompts, step seeds, L_R + λ L_G and evaluation: the two differ only in
 where Δθ comes from. It is the paper's "fine-tuning" contrast, DRaFT-1-like (the reward gradient through the last
 model call only).

@@ -62,8 +62,8 @@ class RunConfig:
     # ---- training
     steps: int = field(default=150, metadata={"help": "training steps"})
     batch_size: int = field(default=4, metadata={"help": "samples per step and process (torchrun: N x this)"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
-    lambda_reg: float = field(default=3.0, metadata={"help": "λ, the weight of L_G (0: reward only)"})
+    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (chosen on the toy val split)"})
+    lambda_reg: float = field(default=1.0, metadata={"help": "λ, the weight of L_G (0: reward only)"})
     reward_from: float = field(default=0.5, metadata={"help": "L_R at steps from this fraction of the trajectory "
                                                                "on (0: every step)"})
     reward_mode: str = field(default="one-step", metadata={
@@ -123,8 +123,8 @@ class RunConfig:
 
 # Settings of the toy tables beside RunConfig's defaults, chosen on the 'val' split by `python evaluate.py --search`
 # (docs/results/search.json, the same grid for both methods): the static LoRA's own, and guidance's step ρ.
-STATIC: dict = {}
-GUIDANCE_RHO = 1.0
+STATIC: dict = {"lr": 3e-4}
+GUIDANCE_RHO = 0.3
 
 _TOY = RunConfig()
 PRESETS: dict[str, RunConfig] = {

@@ -1,7 +1,7 @@
 """The methods HyperAlign is compared with, on the same frozen pipeline, reward and loss pieces.
 
   static LoRA   ONE fixed set of LoRA factors for every input, trained with exactly HyperAlign's loss and training
-                step (hyperalign.training_step): the paper's main contrast, fixed weights vs weights generated from
+                step (losses.training_step): the paper's main contrast, fixed weights vs weights generated from
                 (x_t, t, c). With the one-step reward it is a DRaFT-1-style fine-tune (gradient through the last model
                 call only), not AlignProp (which backpropagates through the whole sampling chain).
                 With --reward-mode direct-align and SRPO's relative reward it is the Direct-Align / SRPO baseline.
@@ -32,7 +32,7 @@ from pipeline import Pipeline
 class StaticLoRA(nn.Module):
     """One set of LoRA factors {target: (A (R, I), B (O, R))} for every input: Δθ = s·B·A, B = 0 at init (Δθ = 0).
 
-    It offers HyperAlign's interface (`cfg`, `factors`, `applied`, `sampler_model`), so hyperalign.training_step
+    It offers HyperAlign's interface (`cfg`, `factors`, `applied`, `sampler_model`), so losses.training_step
     trains it unchanged: the two methods differ only in where Δθ comes from. Its cfg.variant is "I": one LoRA for
     the whole trajectory, the variant whose structure it shares.
     """

@@ -31,6 +31,7 @@ import config
 import distributed
 import files
 import hyperalign
+import losses
 import prefs
 import scoring
 from config import RunConfig, flag
@@ -187,7 +188,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, reward, prompts: list[str],
         prefs_reader, cfg: RunConfig, step: int, ctx: distributed.Context = distributed.Context(),
         desc: str = "train") -> int:
-    """Train `module` (the trainable part of `method`) from `step` to cfg.steps with hyperalign.training_step,
+    """Train `module` (the trainable part of `method`) from `step` to cfg.steps with losses.training_step,
     checkpointing into cfg.out. Non-finite values stop it before the optimiser step (the last good checkpoint stays).
     Returns the number of steps run."""
     net = distributed.wrap(module, ctx, pipe.device)  # DDP over the trainable part only; the frozen models are not
@@ -207,7 +208,7 @@ def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, rewar
         opt.zero_grad(set_to_none=True)
         t0 = time.time()
         try:
-            log = hyperalign.training_step(method, pipe, reward, batch, next(pref_iter) if pref_iter else None,
+            log = losses.training_step(method, pipe, reward, batch, next(pref_iter) if pref_iter else None,
                                            cfg.lambda_reg, gen, cfg.reward_from, cfg.reward_mode,
                                            ctx.rows(cfg.batch_size), net)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)

@@ -1,6 +1,6 @@
 """Train a HyperAlign hypernetwork: `python train.py --variant I` (or S, P) runs on the toy SD model out of the box.
 
-Each step, for a batch of prompts (paper sec. 4.3, L = L_R + λ L_G; hyperalign.training_step):
+Each step, for a batch of prompts (paper sec. 4.3, L = L_R + λ L_G; losses.training_step):
   1. roll out trajectories without gradient with the *current* hypernetwork (variant S / I / P);
   2. per sample, pick a step k of its trajectory; the hypernetwork makes Δθ from the state its variant would use
      (S: x_k; I: x_T; P: the state at the start of k's segment, P's key steps calibrated first: hyperalign.calibrate);

@@ -8,6 +8,7 @@ from tiny import pref_pairs, redness, run_cfg, tiny_pipe
 
 import baselines
 import hyperalign as H
+import losses
 import methods
 import rewards
 import runs
@@ -44,7 +45,7 @@ def test_static_lora_starts_as_the_base_model_then_moves_and_raises_the_reward(t
 def test_static_lora_gets_gradients_in_a_and_b_from_the_shared_training_step():
     pipe = tiny_pipe("vp", steps=3)
     sl = methods.StaticLoRA(cfg(pipe), pipe.backbone)
-    H.training_step(sl, pipe, redness, PROMPTS, None, 0.0, torch.Generator().manual_seed(0))
+    losses.training_step(sl, pipe, redness, PROMPTS, None, 0.0, torch.Generator().manual_seed(0))
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in sl.B)         # B = 0: only B moves first
     assert all(p.grad is None for p in pipe.backbone.model.parameters())
 

@@ -6,6 +6,7 @@ from conftest import rel_err
 from tiny import make_ha, pref_pairs, redness, tiny_pipe
 
 import hyperalign as H
+import losses
 import prefs
 from flux import Flux, FluxConfig
 from unet import make_unet
@@ -80,7 +81,7 @@ def test_the_decoder_learns_from_the_first_step_and_only_the_hypernetwork_gets_g
     pipe = tiny_pipe(kind)
     ha = make_ha(pipe, "S")
     batch = next(prefs.stream(pref_pairs(), 2, 16))
-    H.training_step(ha, pipe, redness, ["a", "b"], batch, 1.0, torch.Generator().manual_seed(0))
+    losses.training_step(ha, pipe, redness, ["a", "b"], batch, 1.0, torch.Generator().manual_seed(0))
     net = ha.hypernet
     frozen = [*pipe.backbone.model.parameters(), *pipe.vae.parameters(), *net.decoder0.parameters(), *net.a0, *net.b0]
     assert all(p.grad is None for p in frozen)                    # generator, VAE and the frozen ⁰ copies untouched
@@ -116,7 +117,7 @@ def test_reward_modes_train_both_processes(mode):
     for kind in ("vp", "flow"):
         pipe = tiny_pipe(kind)
         ha = make_ha(pipe, "S")
-        log = H.training_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(0),
+        log = losses.training_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(0),
                               reward_mode=mode)
         assert torch.isfinite(torch.tensor(log["loss"]))
         shape = pipe.noise(2, torch.Generator()).shape

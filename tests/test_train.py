@@ -10,7 +10,7 @@ import torch
 from tiny import PROMPTS, pref_pairs, redness, run_cfg, tiny_pipe
 
 import config
-import hyperalign as H
+import losses
 import runs
 import scoring
 import train
@@ -144,14 +144,14 @@ def test_toy_default_trains_on_hyper_train_and_scores_unseen_then_heldout(tmp_pa
 def test_reward_steps_come_from_the_later_part_of_the_trajectory(monkeypatch):
     """--reward-from 0.5: L_R only at steps of the later half; 0: any step (L_G always from the whole schedule)."""
     from tiny import make_ha
-    assert [H.first_reward_step(20, f) for f in (0.0, 0.5, 0.99)] == [0, 10, 19]
+    assert [losses.first_reward_step(20, f) for f in (0.0, 0.5, 0.99)] == [0, 10, 19]
     pipe = tiny_pipe("vp", steps=6)
     ha, ts = make_ha(pipe, "S"), pipe.timesteps()
-    seen, real = [], H.reward_loss
-    monkeypatch.setattr(H, "reward_loss", lambda *a, **k: seen.append(float(a[3][0])) or real(*a, **k))
+    seen, real = [], losses.reward_loss
+    monkeypatch.setattr(losses, "reward_loss", lambda *a, **k: seen.append(float(a[3][0])) or real(*a, **k))
     for reward_from in (0.5, 0.0):
         seen.clear()
         for i in range(8):
-            H.training_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(i), reward_from)
+            losses.training_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(i), reward_from)
         steps = {[float(t) for t in ts].index(t) for t in seen}
         assert steps <= set(range(3, 6)) if reward_from else len(steps & {0, 1, 2}) > 0, (reward_from, steps)
