@@ -122,7 +122,7 @@ def blocks(results: str) -> dict[str, str]:
         out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(rows, "unseen")
         out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(rows, "heldout")
         out[f"{model}-claims"] = claims(rows)
-    for name in ("search", "search-first"):
+    for name in ("search", "search-clamped", "search-first"):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))

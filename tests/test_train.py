@@ -155,3 +155,27 @@ def test_reward_steps_come_from_the_later_part_of_the_trajectory(monkeypatch):
             losses.training_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(i), reward_from)
         steps = {[float(t) for t in ts].index(t) for t in seen}
         assert steps <= set(range(3, 6)) if reward_from else len(steps & {0, 1, 2}) > 0, (reward_from, steps)
+
+
+def test_the_reward_gradient_reaches_decoded_pixels_outside_0_1(monkeypatch):
+    """L_R scores the clamped image, but its gradient passes the clamp: pixels below 0 or above 1 still learn."""
+    x = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    y = losses.clamp_straight_through(x)
+    y.sum().backward()
+    assert y.tolist() == [0.0, 0.5, 1.0] and x.grad.tolist() == [1.0, 1.0, 1.0]
+    from tiny import make_ha
+    pipe = tiny_pipe("vp", steps=4)
+    ha, decoded, real = make_ha(pipe, "I"), [], pipe.decode
+
+    def spy(x0, clamp=True):
+        images = real(x0, clamp=clamp)
+        images.retain_grad()
+        decoded.append((images, clamp))
+        return images
+    monkeypatch.setattr(pipe, "decode", spy)
+    losses.training_step(ha, pipe, redness, ["a", "b"], None, 0.0, torch.Generator().manual_seed(0))
+    scored = [i for i, _ in decoded if i.grad is not None]
+    assert scored and all(not clamp for _, clamp in decoded)
+    images, grads = torch.cat([i.detach() for i in scored]), torch.cat([i.grad for i in scored])
+    outside = (images < 0) | (images > 1)
+    assert outside.any() and (grads[outside] != 0).all()
