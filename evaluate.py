@@ -171,6 +171,16 @@ def run_row(row: Row, model: str, pipe, a, rewards: Rewards) -> dict:
 SEARCH = {"reward_mode": [("one-step", 0.5)], "lambda_reg": [1.0], "lr": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
 
 
+def scored_once(path: str, measure: Callable[[], dict]) -> dict:
+    """A search setting's val scores: read from `path` if that setting was scored before, else measured and kept."""
+    if os.path.isfile(path):
+        return files.read_json(path, "search score")
+    m = measure()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_json(path, {k: v for k, v in m.items() if not isinstance(v, (list, dict))})
+    return m
+
+
 def search(a, rewards: Rewards) -> dict:
     """The settings of the tables, chosen on the 'val' split (never on a reported one): the same grid (SEARCH, 6
     settings, training seed 0) for HyperAlign-I and for the static LoRA, each scored on every 'val' prompt x 2 samples;
@@ -192,30 +202,21 @@ def search(a, rewards: Rewards) -> dict:
             continue
         over = dict(reward_mode=mode, reward_from=frm, lambda_reg=lam, lr=lr)
         cfg = replace(base_cfg, **over, out=os.path.join(a.out, "search", f"{kind}-{mode}-{lam:g}-{lr:g}"))
-        scored = os.path.join(cfg.out, "val.json")                  # a finished setting is scored once
         given = dict(pipe=pipe, reward=rewards(cfg.reward),
                      prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
         method, _ = trained(kind, cfg, **given)
-        if os.path.isfile(scored):
-            m = files.read_json(scored, "search score")
-        else:
-            m = scoring.measure(sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val,
-                                [0, 1], score, toy_judge.judge, desc=f"val {kind}")[0]
-            files.write_json(scored, {k: v for k, v in m.items() if not isinstance(v, (list, dict))})
+        m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
+            sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
+            toy_judge.judge, desc=f"val {kind}")[0])
         out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "setting": over,
                     "reward": m[key], "judge": m["judge/overall"]})
         print(out[-1], flush=True)
     if parts > 1:
         return {"chosen": f"part {part} of {parts} done; run --search without --search-part to choose"}
     for rho in (0.3, 1.0, 3.0):
-        scored = os.path.join(a.out, "search", f"guidance-{rho:g}", "val.json")
-        if os.path.isfile(scored):
-            m = files.read_json(scored, "search score")
-        else:
-            m = scoring.measure(guidance_gen(pipe, rewards(base_cfg.reward), rho), pipe, val, [0], score,
-                                toy_judge.judge, desc=f"val guidance {rho}")[0]
-            os.makedirs(os.path.dirname(scored), exist_ok=True)
-            files.write_json(scored, {k: v for k, v in m.items() if not isinstance(v, (list, dict))})
+        m = scored_once(os.path.join(a.out, "search", f"guidance-{rho:g}", "val.json"), lambda: scoring.measure(
+            guidance_gen(pipe, rewards(base_cfg.reward), rho), pipe, val, [0], score, toy_judge.judge,
+            desc=f"val guidance {rho}")[0])
         out.append({"method": "guidance", "setting": {"rho": rho}, "reward": m[key],
                     "judge": m["judge/overall"]})
     for method in ("HyperAlign-I", "static LoRA", "guidance"):

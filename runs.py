@@ -209,8 +209,8 @@ def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, rewar
         t0 = time.time()
         try:
             log = losses.training_step(method, pipe, reward, batch, next(pref_iter) if pref_iter else None,
-                                           cfg.lambda_reg, gen, cfg.reward_from, cfg.reward_mode,
-                                           ctx.rows(cfg.batch_size), net)
+                                       cfg.lambda_reg, gen, cfg.reward_from, cfg.reward_mode,
+                                       ctx.rows(cfg.batch_size), net)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
