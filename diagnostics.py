@@ -4,6 +4,7 @@
     adaptivity(d)                       the share of E||Δθ||² that lies between inputs (0: one static LoRA for all)
     at_x_T(method, pipe, prompts, seeds)    Δθ(x_T, T, c) over prompts x seeds, and its adaptivity   (paper Fig. 9)
     along_trajectory(method, pipe, prompts) Δθ_t at every step of S trajectories                     (paper Fig. 8)
+    Averaged(method, pipe, prompts, seeds)  HyperAlign with its LoRAs replaced by their mean (the adaptive part removed)
 
 train.py reports `adaptivity` in metrics.json; analysis.py draws Fig. 8 / 9 from the same functions.
 Shape alphabet: N sampling steps, B inputs, P flattened LoRA parameters, S seeds.
@@ -71,3 +72,33 @@ def along_trajectory(method, pipe, prompts: list[str], seed: int = 0) -> dict:
     cos = torch.nn.functional.cosine_similarity(d, d[:1].expand_as(d), dim=-1)
     change = (d[1:] - d[:-1]).norm(dim=-1) / d[:-1].norm(dim=-1).clamp_min(1e-30)
     return {"t": traj["t"], "cos_first": cos, "change": change, "adaptivity": adaptivity(d.flatten(0, 1))}
+
+
+class Averaged:
+    """HyperAlign with every generated LoRA replaced by their mean: Δθ̄ = E_inputs Σ_k w_k Δθ_k, the LoRAs made while
+    sampling `prompts` x `seeds`, each weighted by the share w_k of the trajectory it serves (S: 1/N per step; P: its
+    segment; I: the whole). Δθ̄ is the one static LoRA closest in least squares to what the hypernetwork applies;
+    sampling with it and with HyperAlign from the same x_T measures how much of HyperAlign's effect the adaptive part
+    carries (equal rewards: the input-dependence does nothing). Offers `sampler_model` like the methods."""
+
+    @torch.no_grad()
+    def __init__(self, method, pipe, prompts: list[str], seeds: list[int]):
+        self.backbone, sums, n = method.backbone, {}, 0
+        cond, uncond = pipe.conds(prompts)
+        for s in seeds:
+            model = method.sampler_model(cond, pipe.steps)
+            model.keep = True
+            pipe.rollout(model, pipe.noise(len(prompts), torch.Generator().manual_seed(s)), cond, uncond,
+                         trajectory=False)
+            starts = [k for k, _ in model.made] + [pipe.steps]
+            for (k, factors), end in zip(model.made, starts[1:]):
+                w = (end - k) / pipe.steps
+                for name, (A, B) in factors.items():                 # A (B, 2R, I), B (B, O, 2R)
+                    d = w * method.cfg.scale * (B @ A).sum(0)
+                    sums[name] = sums[name] + d if name in sums else d
+            n += len(prompts)
+        model = self.backbone.model
+        self.params = {f"{k}.weight": model.get_submodule(k).weight + v / n for k, v in sums.items()}
+
+    def sampler_model(self, cond=None, steps: int | None = None):
+        return lambda x_t, t, c: self.backbone.forward(self.params, x_t, t, c)

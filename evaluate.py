@@ -11,8 +11,10 @@ The toy protocol:
     results.py` turns them into the tables (mean and 95% t-interval over training seeds) of docs/results.md.
 
 Rows: base; HyperAlign-S / -I / -P; the static LoRA (the same loss and training step: DRaFT-1-like); Best-of-N; plain
-gradient guidance (FreeDoM-like, no time travel); Direct-Align + SRPO's relative reward (toy FLUX); and on toy SD
-the loss ablation (L_R only, L_G only) and reward hacking (the bag-of-words toy-clip reward with and without L_G).
+gradient guidance (FreeDoM-like, no time travel); Direct-Align + SRPO's relative reward (toy FLUX); on toy SD the
+loss ablation (L_R only, L_G only) and reward hacking (the bag-of-words toy-clip reward with and without L_G); and
+the adaptivity ablation: HyperAlign-S / -I's own runs with every generated LoRA replaced by their mean
+(diagnostics.Averaged), which keeps what the hypernetwork learned and removes only its dependence on the input.
 Columns: every reward, the judge (overall and per attribute), saturation, diversity, adaptivity, seconds per image.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Callable
 import torch
 
 import config
+import diagnostics
 import files
 import methods
 import runs
@@ -42,9 +45,10 @@ SCORE = "toy-ir,toy-pref,toy-clip"            # the reward columns of the toy ta
 @dataclass
 class Row:
     name: str
-    kind: str                                  # "base", "hyperalign", "static", "best-of-n", "guidance"
+    kind: str                                  # "base", "hyperalign", "static", "best-of-n", "guidance", "averaged"
     over: dict = field(default_factory=dict)   # RunConfig settings over the defaults (trained rows)
     models: tuple[str, ...] = ("toy-sd", "toy-flux")
+    of: str = ""                               # "averaged": the slug of the HyperAlign row whose runs it averages
 
     @property
     def slug(self) -> str:
@@ -65,7 +69,10 @@ ROWS = [
     Row("ablation: L_G only", "hyperalign", {"reward": "toy-ir=0"}, ("toy-sd",)),
     Row("toy-clip reward, no L_G", "hyperalign", {"reward": "toy-clip", "lambda_reg": 0.0}, ("toy-sd",)),
     Row("toy-clip reward, with L_G", "hyperalign", {"reward": "toy-clip"}, ("toy-sd",)),
+    Row("HyperAlign-S, LoRA averaged", "averaged", {"variant": "S"}, of="hyperalign-s"),
+    Row("HyperAlign-I, LoRA averaged", "averaged", {"variant": "I"}, of="hyperalign-i"),
 ]
+PROBE = (64, (1000, 1001))                    # "averaged": the LoRAs of the first 64 training prompts x these seeds
 
 
 # ------------------------------------------------------------------------------------------------------------- rows
@@ -149,15 +156,20 @@ def run_row(row: Row, model: str, pipe, a, rewards: Rewards) -> dict:
         record["seeds"]["-"] = score_row(generate, pipe, a, score, embed, row.name)
         return record
     for seed in a.train_seeds:
-        cfg = replace(base_cfg, **row.over, seed=seed, out=os.path.join(a.out, model, f"{row.slug}-s{seed}"))
+        cfg = replace(base_cfg, **row.over, seed=seed, out=os.path.join(a.out, model, f"{row.of or row.slug}-s{seed}"))
         given = dict(pipe=pipe, reward=rewards(cfg.reward),
                      prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
-        method, train_s = trained(row.kind, cfg, **given)
+        method, train_s = trained("hyperalign" if row.kind == "averaged" else row.kind, cfg, **given)
         record["settings"] = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
+        if row.kind == "averaged":
+            n, probe_seeds = PROBE
+            method = diagnostics.Averaged(method, pipe, config.read_prompts(cfg.prompts)[:n], list(probe_seeds))
+            record["settings"]["averaged_over"] = f"{cfg.prompts}[:{n}] x seeds {list(probe_seeds)}"
         figures = score_row(sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, a, score, embed,
                             f"{row.name} s{seed}")
-        figures["adaptivity"] = runs.adaptivity(method, pipe, world.eval_prompts("unseen", None))
-        figures["train_s"] = round(train_s, 1)
+        if row.kind != "averaged":
+            figures["adaptivity"] = runs.adaptivity(method, pipe, world.eval_prompts("unseen", None))
+            figures["train_s"] = round(train_s, 1)
         record["seeds"][str(seed)] = figures
     return record
 

@@ -88,3 +88,36 @@ def test_lora_dynamics_and_pca_shapes_determinism_and_pngs(tmp_path):
     A.plot_pca(p1, PROMPTS, str(tmp_path / "p.png"))
     for f in ("c.png", "d.png", "p.png"):
         assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("variant", ["I", "S", "P"])
+def test_averaged_applies_the_mean_of_the_loras_as_used(variant):
+    """diagnostics.Averaged: W + the mean over inputs of the LoRAs the sampler made, each weighted by the steps it
+    serves; for I that is the mean of Δθ at x_T (delta_theta), and its samples differ from HyperAlign's."""
+    pipe = tiny_pipe("vp", steps=3)
+    ha = trained_like(pipe, variant)
+    ha.cfg.key_steps, ha.cfg.key_of = (2,), 3                       # P: segments [0, 1] and [2]
+    avg = D.Averaged(ha, pipe, PROMPTS, [5, 6])
+    cond, uncond = pipe.conds(PROMPTS)
+    expect, n = 0, 0
+    for s in (5, 6):
+        model = ha.sampler_model(cond, pipe.steps)
+        model.keep = True
+        pipe.rollout(model, pipe.noise(3, torch.Generator().manual_seed(s)), cond, uncond)
+        weights = {"I": [3], "S": [1, 1, 1], "P": [2, 1]}[variant]
+        assert [k for k, _ in model.made] == {"I": [0], "S": [0, 1, 2], "P": [0, 2]}[variant]
+        for (_, f), w in zip(model.made, weights):
+            expect = expect + w / 3 * torch.cat([(ha.cfg.scale * B @ A).sum(0).flatten() for A, B in f.values()])
+        n += 3
+    got = torch.cat([(avg.params[f"{k}.weight"] - pipe.backbone.model.get_submodule(k).weight).flatten()
+                     for k in [t.name for t in ha.hypernet.targets]])
+    assert torch.allclose(got, expect / n, atol=1e-6)
+    if variant == "I":
+        t0 = pipe.t_batch(pipe.timesteps()[0], 3)
+        mean = torch.cat([D.delta_theta(ha, pipe.noise(3, torch.Generator().manual_seed(s)), t0, cond)
+                          for s in (5, 6)]).mean(0)
+        assert torch.allclose(got, mean, atol=1e-6)
+    x_T = pipe.noise(3, torch.Generator().manual_seed(0))
+    a = pipe.rollout(avg.sampler_model(cond, 3), x_T, cond, uncond, trajectory=False)
+    b = pipe.rollout(ha.sampler_model(cond, 3), x_T, cond, uncond, trajectory=False)
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)

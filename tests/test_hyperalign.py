@@ -111,6 +111,49 @@ def test_every_number_of_delta_theta_depends_on_the_input():
     assert trainable == {"decoder", "a", "b"}                          # no other parameter reaches Δθ
 
 
+def fit_prompt_dependent_lora(ha, pipe, steps: int = 300, lr: float = 1e-3) -> tuple[float, float]:
+    """Train the hypernetwork alone to write Δθ = +u for one prompt and -u for another (u: unit norm, inside the
+    LoRA's initial subspace, so reachable), from 6 noises; -> (loss, adaptivity) on 2 other noises. Δθ = 0 scores
+    loss 1; one static LoRA cannot do better than that."""
+    import diagnostics
+    net, prompts = ha.hypernet, ["a red square", "a blue circle"]
+    cond = pipe.conds(prompts)[0]
+    t = pipe.t_batch(pipe.timesteps()[0], 2)
+    with torch.no_grad():
+        feats = [ha.backbone.features(pipe.noise(2, torch.Generator().manual_seed(s)), t, cond) for s in range(8)]
+    g = torch.Generator().manual_seed(1)
+    u = torch.cat([(b0 @ torch.randn(b0.shape[1], a0.shape[0], generator=g) @ a0).flatten()
+                   for a0, b0 in zip(net.a0, net.b0)])
+    target = torch.stack([u, -u]) / u.norm()
+
+    def delta(f):
+        return torch.cat([(ha.cfg.scale * B @ A).flatten(1) for A, B in net(*f).values()], 1)
+
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    for i in range(steps):
+        loss = (delta(feats[i % 6]) - target).square().sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        d = torch.cat([delta(f) for f in feats[6:]])
+    return (d - target.repeat(2, 1)).square().sum(1).mean().item(), diagnostics.adaptivity(d)
+
+
+def test_the_hypernetwork_can_learn_a_lora_that_depends_on_the_prompt(monkeypatch):
+    """The mechanism HyperAlign rests on, in isolation: asked for opposite LoRAs for two prompts, it writes them
+    (loss 1 -> < 0.05, adaptivity ~1). With the decoder's head at nn.Linear's default scale (HEAD_GAIN = 1) the same
+    training ends above loss 1, worse than Δθ = 0: the head's initial scale is what lets the LoRA adapt."""
+    torch.manual_seed(0)
+    pipe = tiny_pipe("vp", steps=3)
+    loss, adaptivity = fit_prompt_dependent_lora(make_ha(pipe, "I"), pipe)
+    assert loss < 0.05 and adaptivity > 0.95, (loss, adaptivity)
+    monkeypatch.setattr(H, "HEAD_GAIN", 1.0)
+    torch.manual_seed(0)
+    loss, _ = fit_prompt_dependent_lora(make_ha(pipe, "I"), pipe)
+    assert loss > 1.0, loss
+
+
 @pytest.mark.parametrize("mode", ["one-step", "direct-align"])
 def test_reward_modes_train_both_processes(mode):
     """L_R's two modes run on VP and flow; direct-align recovers x0 exactly when the prediction is the true noise."""
