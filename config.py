@@ -62,7 +62,7 @@ class RunConfig:
     # ---- training
     steps: int = field(default=150, metadata={"help": "training steps"})
     batch_size: int = field(default=4, metadata={"help": "samples per step and process (torchrun: N x this)"})
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (chosen on the toy val split)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (chosen on the toy val split)"})
     lambda_reg: float = field(default=1.0, metadata={"help": "λ, the weight of L_G (0: reward only)"})
     reward_from: float = field(default=0.5, metadata={"help": "L_R at steps from this fraction of the trajectory "
                                                                "on (0: every step)"})

@@ -195,7 +195,8 @@ def scored_once(path: str, measure: Callable[[], dict]) -> dict:
 
 def search(a, rewards: Rewards) -> dict:
     """The settings of the tables, chosen on the 'val' split (never on a reported one): the same grid (SEARCH, 6
-    settings, training seed 0) for HyperAlign-I and for the static LoRA, each scored on every 'val' prompt x 2 samples;
+    settings, training seed 0) for HyperAlign-I and for the static LoRA, each scored on every 'val' prompt x 2 samples
+    (and each HyperAlign run's adaptivity at x_T over 16 'val' prompts x 4 seeds, recorded, not used to choose);
     per method, the highest val reward among the settings whose mean val judge is not below the base model's (all
     settings, if none); guidance's step ρ the same way. -> search.json. With --search-part K/N, processes
     train and score disjoint parts of the grid (each setting's run folder keeps its val.json) and return."""
@@ -221,7 +222,8 @@ def search(a, rewards: Rewards) -> dict:
             sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
             toy_judge.judge, desc=f"val {kind}")[0])
         out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "setting": over,
-                    "reward": m[key], "judge": m["judge/overall"]})
+                    "reward": m[key], "judge": m["judge/overall"],
+                    "adaptivity": runs.adaptivity(method, pipe, val)["x_T"] if kind == "hyperalign" else 0.0})
         print(out[-1], flush=True)
     if parts > 1:
         return {"chosen": f"part {part} of {parts} done; run --search without --search-part to choose"}

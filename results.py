@@ -94,7 +94,9 @@ def claims(rows: dict[str, dict]) -> str:
              ("HyperAlign-I", "base"), ("static LoRA", "base"), ("Direct-Align + SRPO reward", "base"),
              ("ablation: L_R only (λ = 0)", "base"), ("ablation: L_G only", "base"),
              ("HyperAlign-I", "ablation: L_R only (λ = 0)"), ("toy-clip reward, no L_G", "base"),
-             ("toy-clip reward, with L_G", "base"), ("toy-clip reward, no L_G", "toy-clip reward, with L_G")]
+             ("toy-clip reward, with L_G", "base"), ("toy-clip reward, no L_G", "toy-clip reward, with L_G"),
+             ("HyperAlign-S", "HyperAlign-S, LoRA averaged"), ("HyperAlign-I", "HyperAlign-I, LoRA averaged"),
+             ("HyperAlign-S, LoRA averaged", "static LoRA")]
     for a, b in pairs:
         for key in (reward, "judge/overall") + (("reward/toy-clip", "saturation") if "toy-clip" in a else ()):
             line = diff(a, b, key)
@@ -116,13 +118,14 @@ def blocks(results: str) -> dict[str, str]:
     for model, rows in data.items():
         order = ["base", "HyperAlign-S", "HyperAlign-P", "HyperAlign-I", "static LoRA", "Best-of-8", "guidance",
                  "Direct-Align + SRPO reward", "ablation: L_R only (λ = 0)", "ablation: L_G only",
-                 "toy-clip reward, no L_G", "toy-clip reward, with L_G"]
+                 "toy-clip reward, no L_G", "toy-clip reward, with L_G", "HyperAlign-S, LoRA averaged",
+                 "HyperAlign-I, LoRA averaged"]
         rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else 99)}
         proto = next(iter(rows.values()))["protocol"]
         out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(rows, "unseen")
         out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(rows, "heldout")
         out[f"{model}-claims"] = claims(rows)
-    for name in ("search", "search-clamped", "search-first"):
+    for name in ("search", "search-head1", "search-clamped", "search-first"):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
@@ -173,11 +176,15 @@ def search_table(s: dict) -> str:
         names = {"reward_mode": "L_R", "reward_from": "from", "lambda_reg": "λ", "lr": "lr", "rho": "ρ"}
         return ", ".join(f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
                          for k, v in d.items())
-    lines = [f"| method | setting | val reward ({s.get('reward', 'toy-ir')}) | val judge | chosen |", "|---|---|---|---|---|"]
+    adapt = any("adaptivity" in r for r in s["runs"])
+    head = f"| method | setting | val reward ({s.get('reward', 'toy-ir')}) | val judge |" + (" adaptivity |" if adapt else "")
+    lines = [head + " chosen |", "|---|---|---|---|" + ("---|" if adapt else "") + "---|"]
     if "base" in s:
-        lines.append(f"| base model | — | {s['base']['reward']:.4f} | {s['base']['judge']:.4f} | |")
+        lines.append(f"| base model | — | {s['base']['reward']:.4f} | {s['base']['judge']:.4f} |" +
+                     (" |" if adapt else "") + " |")
     for r in s["runs"]:
-        lines.append(f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} | "
+        a = (f" {r['adaptivity']:.4f} |" if "adaptivity" in r else " — |") if adapt else ""
+        lines.append(f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} |{a} "
                      f"{'**yes**' if r.get('chosen') else ''} |")
     return "\n".join(lines)
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny import PROMPTS, pref_pairs, redness, run_cfg, tiny_pipe
+from tiny import pref_pairs, redness, run_cfg, tiny_pipe
 
 import config
 import losses
