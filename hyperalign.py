@@ -176,9 +176,8 @@ class HyperNet(nn.Module):
     (B zero-initialised) kept the decoder from learning and left the LoRA static (PCA of Δθ over inputs: first
     component 99.8%); the second (M = decoder − decoder₀, so M = 0) kept A and B still until M had grown. Here the
     decoder, A and B all get a gradient at the first step. The frozen copies cost one more decoder forward, small
-    beside the perception encoder. Measured (docs/results/search*.json): the hypernetwork's gradients are 10-100x the
-    static LoRA's, and it wants a ~10x smaller learning rate (3e-5 against 3e-4); the second design was searched only
-    at 3e-4 and 1e-3, so which of the two heads is better is not established.
+    beside the perception encoder. The head starts small (HEAD_GAIN): with O(1) cores this design could not learn
+    even two opposite LoRAs for two prompts. Chosen on val (docs/results/search.json): lr 1e-4.
     """
     def __init__(self, cfg: HyperConfig, targets: list[lora.Target], level_dims: list[int], text_dim: int,
                  emb_dim: int):

@@ -59,7 +59,9 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     monkeypatch.setitem(config.REWARDS, "red", lambda path, **kw: RedReward())
     monkeypatch.setattr(config, "load_prefs", lambda cfg, train, held: pref_pairs())
     monkeypatch.setattr(E.world, "SIZE", 16)
-    rows = [r for r in E.ROWS if r.name in ("base", "HyperAlign-I", "static LoRA", "Best-of-8")]
+    rows = [r for r in E.ROWS if r.name in ("base", "HyperAlign-I", "static LoRA", "Best-of-8",
+                                            "HyperAlign-I, LoRA averaged")]
+    monkeypatch.setattr(E, "PROBE", (2, (5,)))
     base = config.RunConfig.from_preset
     monkeypatch.setattr(config.RunConfig, "from_preset",
                         classmethod(lambda cls, name, **kw: base(name, **{**kw, "steps": 2, "batch_size": 2,
@@ -74,6 +76,9 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     assert list(recs["HyperAlign-I"]["seeds"]) == ["0", "1"] and list(recs["base"]["seeds"]) == ["-"]
     assert {"unseen", "heldout", "adaptivity", "train_s"} <= set(recs["HyperAlign-I"]["seeds"]["0"])
     assert os.path.isdir(os.path.join(a.out, "toy-sd", "hyperalign-i-s1"))
+    averaged = recs["HyperAlign-I, LoRA averaged"]                  # HyperAlign-I's own runs, not new ones
+    assert list(averaged["seeds"]) == ["0", "1"] and "train_s" not in averaged["seeds"]["0"]
+    assert not any("averaged" in d for d in os.listdir(os.path.join(a.out, "toy-sd")))
     blocks = results.blocks(a.results)
     lines = blocks["toy-sd-unseen"].splitlines()
     row = next(ln for ln in lines if ln.startswith("| HyperAlign-I |"))
@@ -81,6 +86,7 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     mean, half = scoring.t_interval(vals)
     assert f"{mean:.3f} ± {half:.3f}" in row and "| 2 |" in row
     assert "| HyperAlign-I − static LoRA |" in blocks["toy-sd-claims"]
+    assert "| HyperAlign-I − HyperAlign-I, LoRA averaged |" in blocks["toy-sd-claims"]
 
 
 class RedReward(rewards.Reward):
