@@ -246,6 +246,34 @@ def search(a, rewards: Rewards) -> dict:
     return record
 
 
+def budget(a, rewards: Rewards) -> dict:
+    """Does HyperAlign's LoRA adapt more with a longer budget? HyperAlign-I and the static LoRA at their chosen settings
+    (training seed 0), trained for every --budget step count, each scored on every 'val' prompt x 2 samples as in the
+    search, with the adaptivity at x_T. -> budget.json."""
+    model = "toy-sd"
+    pipe = config.load_pipeline(RunConfig.from_preset(model))
+    score, val, key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
+    base_cfg = RunConfig.from_preset(model, no_eval=True, save_every=10_000, threads=torch.get_num_threads())
+    out = []
+    for steps in a.budget:
+        for kind, over in (("hyperalign", {}), ("static", config.STATIC)):
+            cfg = replace(base_cfg, **over, steps=steps, out=os.path.join(a.out, "budget", f"{kind}-{steps}"))
+            given = dict(pipe=pipe, reward=rewards(cfg.reward),
+                         prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
+            method, train_s = trained(kind, cfg, **given)
+            m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
+                sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
+                toy_judge.judge, desc=f"val {kind} {steps}")[0])
+            out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "steps": steps,
+                        "lr": cfg.lr, "reward": m[key], "judge": m["judge/overall"],
+                        "adaptivity": runs.adaptivity(method, pipe, val)["x_T"] if kind == "hyperalign" else 0.0})
+            print(out[-1], flush=True)
+    record = {"split": f"val: {len(val)} prompts x 2 samples, training seed 0", "reward": key.split("/")[1],
+              "runs": out}
+    files.write_json(os.path.join(a.results, "budget.json"), record)
+    return record
+
+
 # ---------------------------------------------------------------------------------------------------- real models
 
 # the paper's Table 1 columns, in its order, by reward name in --score; CLIP is reported as the plain cosine
@@ -330,6 +358,8 @@ def parse_args(argv=None):
     p.add_argument("--results", default="docs/results", help="where the JSON of every row goes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--search", action="store_true", help="choose the settings on the 'val' split (search.json)")
+    p.add_argument("--budget", default="", help="comma-separated step counts: HyperAlign-I and the static LoRA at "
+                   "their chosen settings, trained that long and scored on 'val' (budget.json)")
     p.add_argument("--search-part", default="0/1", help="K/N: train and score every N-th setting from K (parallel "
                    "processes); a final --search without it reuses them and chooses")
     g = p.add_argument_group("a real checkpoint (the paper's Table 1)")
@@ -353,6 +383,11 @@ def parse_args(argv=None):
         a.train_seeds = [int(s) for s in a.train_seeds.split(",") if s]
     except ValueError:
         p.error(f"--train-seeds: comma-separated integers, got {a.train_seeds!r}")
+    try:
+        a.budget = [int(s) for s in a.budget.split(",") if s]
+        assert all(s > 0 for s in a.budget)
+    except (ValueError, AssertionError):
+        p.error(f"--budget: comma-separated positive step counts, got {a.budget!r}")
     try:
         a.search_part = tuple(int(x) for x in a.search_part.split("/"))
         assert len(a.search_part) == 2 and 0 <= a.search_part[0] < a.search_part[1]
@@ -378,6 +413,8 @@ def run(argv=None) -> None:
         return real_model(a)
     if a.search:
         return print(search(a, Rewards())["chosen"])
+    if a.budget:
+        return print(budget(a, Rewards())["runs"])
     wanted = {w.strip() for w in a.rows.split(",") if w.strip()}
     unknown = wanted - {r.name for r in ROWS} - {r.slug for r in ROWS}
     if unknown:

@@ -129,6 +129,9 @@ def blocks(results: str) -> dict[str, str]:
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
+    path = os.path.join(results, "budget.json")
+    if os.path.isfile(path):
+        out["budget"] = budget_table(files.read_json(path, "budget results"))
     figures = os.path.join(ROOT, "docs", "figures", "analysis.json")
     if os.path.isfile(figures):
         out["analysis"] = analysis_table(files.read_json(figures, "analysis figures"))
@@ -186,6 +189,16 @@ def search_table(s: dict) -> str:
         a = (f" {r['adaptivity']:.4f} |" if "adaptivity" in r else " — |") if adapt else ""
         lines.append(f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} |{a} "
                      f"{'**yes**' if r.get('chosen') else ''} |")
+    return "\n".join(lines)
+
+
+def budget_table(b: dict) -> str:
+    """evaluate.py --budget: the chosen settings trained for longer, on 'val'."""
+    lines = [f"| method | steps | lr | val reward ({b.get('reward', 'toy-ir')}) | val judge | adaptivity |",
+             "|---|---|---|---|---|---|"]
+    for r in b["runs"]:
+        lines.append(f"| {r['method']} | {r['steps']} | {r['lr']:g} | {r['reward']:.4f} | {r['judge']:.4f} | "
+                     f"{r['adaptivity']:.4f} |")
     return "\n".join(lines)
 
 
