@@ -183,6 +183,17 @@ def run_row(row: Row, model: str, pipe, a, rewards: Rewards) -> dict:
 SEARCH = {"reward_mode": [("one-step", 0.5)], "lambda_reg": [1.0], "lr": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
 
 
+def on_val(kind: str, cfg: RunConfig, pipe, rewards: Rewards, score, val: list[str]) -> tuple[object, dict]:
+    """A run trained (or reused, `trained`) with `cfg`, and its scores on every 'val' prompt x 2 samples (kept in the
+    run folder's val.json): (method, metrics)."""
+    given = dict(pipe=pipe, reward=rewards(cfg.reward),
+                 prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
+    method, _ = trained(kind, cfg, **given)
+    return method, scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
+        sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
+        toy_judge.judge, desc=f"val {kind}")[0])
+
+
 def scored_once(path: str, measure: Callable[[], dict]) -> dict:
     """A search setting's val scores: read from `path` if that setting was scored before, else measured and kept."""
     if os.path.isfile(path):
@@ -215,12 +226,7 @@ def search(a, rewards: Rewards) -> dict:
             continue
         over = dict(reward_mode=mode, reward_from=frm, lambda_reg=lam, lr=lr)
         cfg = replace(base_cfg, **over, out=os.path.join(a.out, "search", f"{kind}-{mode}-{lam:g}-{lr:g}"))
-        given = dict(pipe=pipe, reward=rewards(cfg.reward),
-                     prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
-        method, _ = trained(kind, cfg, **given)
-        m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
-            sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
-            toy_judge.judge, desc=f"val {kind}")[0])
+        method, m = on_val(kind, cfg, pipe, rewards, score, val)
         out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "setting": over,
                     "reward": m[key], "judge": m["judge/overall"],
                     "adaptivity": runs.adaptivity(method, pipe, val)["x_T"] if kind == "hyperalign" else 0.0})
@@ -258,12 +264,7 @@ def budget(a, rewards: Rewards) -> dict:
     for steps in a.budget:
         for kind, over in (("hyperalign", {}), ("static", config.STATIC)):
             cfg = replace(base_cfg, **over, steps=steps, out=os.path.join(a.out, "budget", f"{kind}-{steps}"))
-            given = dict(pipe=pipe, reward=rewards(cfg.reward),
-                         prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
-            method, train_s = trained(kind, cfg, **given)
-            m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
-                sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
-                toy_judge.judge, desc=f"val {kind} {steps}")[0])
+            method, m = on_val(kind, cfg, pipe, rewards, score, val)
             out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "steps": steps,
                         "lr": cfg.lr, "reward": m[key], "judge": m["judge/overall"],
                         "adaptivity": runs.adaptivity(method, pipe, val)["x_T"] if kind == "hyperalign" else 0.0})
