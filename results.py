@@ -129,6 +129,9 @@ def blocks(results: str) -> dict[str, str]:
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
+    path = os.path.join(results, "capability.json")
+    if os.path.isfile(path):
+        out["capability"] = capability_table(files.read_json(path, "capability results"))
     path = os.path.join(results, "budget.json")
     if os.path.isfile(path):
         out["budget"] = budget_table(files.read_json(path, "budget results"))
@@ -189,6 +192,17 @@ def search_table(s: dict) -> str:
         a = (f" {r['adaptivity']:.4f} |" if "adaptivity" in r else " — |") if adapt else ""
         lines.append(f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} |{a} "
                      f"{'**yes**' if r.get('chosen') else ''} |")
+    return "\n".join(lines)
+
+
+def capability_table(c: dict) -> str:
+    """capability.json: can the hypernetwork learn two opposite LoRAs for two prompts, per head scale and lr?"""
+    cell = {(r["head_gain"], r["lr"]): f"{r['loss']:.3f} / {r['adaptivity']:.3f}" for r in c["runs"]}
+    lrs = sorted({r["lr"] for r in c["runs"]})
+    lines = ["| head | " + " | ".join(f"lr {lr:g}: loss / adaptivity" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for gain in sorted({r["head_gain"] for r in c["runs"]}):
+        name = f"`HEAD_GAIN` = {gain:g}" + (" (now)" if gain == 0.01 else " (previous, `nn.Linear`'s default)")
+        lines.append(f"| {name} | " + " | ".join(cell.get((gain, lr), "—") for lr in lrs) + " |")
     return "\n".join(lines)
 
 
