@@ -201,7 +201,7 @@ def capability_table(c: dict) -> str:
     lrs = sorted({r["lr"] for r in c["runs"]})
     lines = ["| head | " + " | ".join(f"lr {lr:g}: loss / adaptivity" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for gain in sorted({r["head_gain"] for r in c["runs"]}):
-        name = f"`HEAD_GAIN` = {gain:g}" + (" (now)" if gain == 0.01 else " (previous, `nn.Linear`'s default)")
+        name = f"`HEAD_GAIN` = {gain:g}" + (" (`nn.Linear`'s default scale)" if gain == 1 else "")
         lines.append(f"| {name} | " + " | ".join(cell.get((gain, lr), "—") for lr in lrs) + " |")
     return "\n".join(lines)
 
