@@ -183,15 +183,30 @@ def run_row(row: Row, model: str, pipe, a, rewards: Rewards) -> dict:
 SEARCH = {"reward_mode": [("one-step", 0.5)], "lambda_reg": [1.0], "lr": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
 
 
-def on_val(kind: str, cfg: RunConfig, pipe, rewards: Rewards, score, val: list[str]) -> tuple[object, dict]:
-    """A run trained (or reused, `trained`) with `cfg`, and its scores on every 'val' prompt x 2 samples (kept in the
-    run folder's val.json): (method, metrics)."""
-    given = dict(pipe=pipe, reward=rewards(cfg.reward),
+class Val:
+    """What the search and --budget train and score on: the toy SD pipeline, the score rewards, the 'val' prompts,
+    the reward the settings are chosen by (the training reward) and the base run config (no evaluation, one final
+    checkpoint)."""
+    def __init__(self, rewards: Rewards):
+        self.rewards, self.pipe = rewards, config.load_pipeline(RunConfig.from_preset("toy-sd"))
+        self.score, self.val, self.key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
+        self.base_cfg = RunConfig.from_preset("toy-sd", no_eval=True, save_every=10_000,
+                                              threads=torch.get_num_threads())
+
+
+def on_val(kind: str, cfg: RunConfig, v: Val) -> dict:
+    """A run trained (or reused, `trained`) with `cfg`, scored on every 'val' prompt x 2 samples (kept in the run
+    folder's val.json): its "method" row name, val "reward" and "judge", and for HyperAlign its "adaptivity" at x_T
+    over 16 'val' prompts x 4 seeds (0 for the static LoRA)."""
+    given = dict(pipe=v.pipe, reward=v.rewards(cfg.reward),
                  prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
     method, _ = trained(kind, cfg, **given)
-    return method, scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
-        sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, val, [0, 1], score,
+    m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
+        sample_with(v.pipe, lambda c: method.sampler_model(c, v.pipe.steps)), v.pipe, v.val, [0, 1], v.score,
         toy_judge.judge, desc=f"val {kind}")[0])
+    return {"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "reward": m[v.key],
+            "judge": m["judge/overall"],
+            "adaptivity": runs.adaptivity(method, v.pipe, v.val)["x_T"] if kind == "hyperalign" else 0.0}
 
 
 def scored_once(path: str, measure: Callable[[], dict]) -> dict:
@@ -211,10 +226,8 @@ def search(a, rewards: Rewards) -> dict:
     per method, the highest val reward among the settings whose mean val judge is not below the base model's (all
     settings, if none); guidance's step ρ the same way. -> search.json. With --search-part K/N, processes
     train and score disjoint parts of the grid (each setting's run folder keeps its val.json) and return."""
-    model = "toy-sd"
-    pipe = config.load_pipeline(RunConfig.from_preset(model))
-    score, val, key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
-    base_cfg = RunConfig.from_preset(model, no_eval=True, save_every=10_000, threads=torch.get_num_threads())
+    v = Val(rewards)
+    pipe, score, val, key, base_cfg = v.pipe, v.score, v.val, v.key, v.base_cfg
     base = scoring.measure(sample_with(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
                            desc="val base")[0]
     found, out = {}, []
@@ -226,10 +239,8 @@ def search(a, rewards: Rewards) -> dict:
             continue
         over = dict(reward_mode=mode, reward_from=frm, lambda_reg=lam, lr=lr)
         cfg = replace(base_cfg, **over, out=os.path.join(a.out, "search", f"{kind}-{mode}-{lam:g}-{lr:g}"))
-        method, m = on_val(kind, cfg, pipe, rewards, score, val)
-        out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "setting": over,
-                    "reward": m[key], "judge": m["judge/overall"],
-                    "adaptivity": runs.adaptivity(method, pipe, val)["x_T"] if kind == "hyperalign" else 0.0})
+        fig = on_val(kind, cfg, v)
+        out.append({"method": fig.pop("method"), "setting": over, **fig})
         print(out[-1], flush=True)
     if parts > 1:
         return {"chosen": f"part {part} of {parts} done; run --search without --search-part to choose"}
@@ -256,20 +267,14 @@ def budget(a, rewards: Rewards) -> dict:
     """Does HyperAlign's LoRA adapt more with a longer budget? HyperAlign-I and the static LoRA at their chosen settings
     (training seed 0), trained for every --budget step count, each scored on every 'val' prompt x 2 samples as in the
     search, with the adaptivity at x_T. -> budget.json."""
-    model = "toy-sd"
-    pipe = config.load_pipeline(RunConfig.from_preset(model))
-    score, val, key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
-    base_cfg = RunConfig.from_preset(model, no_eval=True, save_every=10_000, threads=torch.get_num_threads())
-    out = []
+    v, out = Val(rewards), []
     for steps in a.budget:
         for kind, over in (("hyperalign", {}), ("static", config.STATIC)):
-            cfg = replace(base_cfg, **over, steps=steps, out=os.path.join(a.out, "budget", f"{kind}-{steps}"))
-            method, m = on_val(kind, cfg, pipe, rewards, score, val)
-            out.append({"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "steps": steps,
-                        "lr": cfg.lr, "reward": m[key], "judge": m["judge/overall"],
-                        "adaptivity": runs.adaptivity(method, pipe, val)["x_T"] if kind == "hyperalign" else 0.0})
+            cfg = replace(v.base_cfg, **over, steps=steps, out=os.path.join(a.out, "budget", f"{kind}-{steps}"))
+            fig = on_val(kind, cfg, v)
+            out.append({"method": fig.pop("method"), "steps": steps, "lr": cfg.lr, **fig})
             print(out[-1], flush=True)
-    record = {"split": f"val: {len(val)} prompts x 2 samples, training seed 0", "reward": key.split("/")[1],
+    record = {"split": f"val: {len(v.val)} prompts x 2 samples, training seed 0", "reward": v.key.split("/")[1],
               "runs": out}
     files.write_json(os.path.join(a.results, "budget.json"), record)
     return record

@@ -129,12 +129,10 @@ def blocks(results: str) -> dict[str, str]:
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
-    path = os.path.join(results, "capability.json")
-    if os.path.isfile(path):
-        out["capability"] = capability_table(files.read_json(path, "capability results"))
-    path = os.path.join(results, "budget.json")
-    if os.path.isfile(path):
-        out["budget"] = budget_table(files.read_json(path, "budget results"))
+    for name, render_table in (("capability", capability_table), ("budget", budget_table)):
+        path = os.path.join(results, f"{name}.json")
+        if os.path.isfile(path):
+            out[name] = render_table(files.read_json(path, f"{name} results"))
     figures = os.path.join(ROOT, "docs", "figures", "analysis.json")
     if os.path.isfile(figures):
         out["analysis"] = analysis_table(files.read_json(figures, "analysis figures"))
