@@ -93,12 +93,13 @@ def curvature_data(pipe: pipeline.Pipeline, prompts: list[str], k: int = 3, seed
     return {"t": traj["t"], "delta": delta, "kappa": kappa, "key_steps": hyperalign.key_steps(traj["x0_hat"], k)}
 
 
+OUTPUTS = ("fig4_curvature.png", "fig8_lora_dynamics.png", "fig9_lora_pca.png", "analysis.json")
+
+
 def main(argv=None) -> None:
-    try:
-        run(argv)
-    except ValueError as e:  # a bad run folder, prompt file or model: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = config.cli(lambda: run(argv))
+    if code:
+        sys.exit(code)
 
 
 def run(argv=None) -> None:
@@ -109,13 +110,18 @@ def run(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=6, help="seeds per prompt for the PCA")
     p.add_argument("--key-steps", type=int, default=3)
     p.add_argument("--out", default="docs/figures")
+    p.add_argument("--overwrite", action="store_true", help="replace the figures if they exist (refused otherwise)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     for name in ("n_prompts", "seeds", "key_steps", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     torch.set_num_threads(a.threads)
-    saved = files.read_json(os.path.join(a.hyper, runs.CONFIG), "run config")["run"]
+    for name in OUTPUTS:
+        runs.check_output(os.path.join(a.out, name), a.overwrite)
+    if not os.path.isdir(a.hyper):
+        raise runs.RunError(f"--hyper {a.hyper}: no such run folder")
+    saved = runs.read_config(a.hyper)["run"]
     pipe = pipeline.load(saved["model"], "cpu", torch.float32, saved.get("resolution"), saved.get("resolution"),
                          saved.get("sample_steps"), saved.get("guidance"), saved.get("tokenizer"))
     method, saved = runs.load_trained(a.hyper, pipe.backbone)
@@ -124,16 +130,16 @@ def run(argv=None) -> None:
     os.makedirs(a.out, exist_ok=True)
     tag = f"({os.path.basename(os.path.normpath(saved['run']['model']))}, {saved['step']} steps)"
     c = curvature_data(pipe, prompts, a.key_steps)
-    plot_curvature(c, os.path.join(a.out, "fig4_curvature.png"), tag)
+    plot_curvature(c, os.path.join(a.out, OUTPUTS[0]), tag)
     dyn = diagnostics.along_trajectory(method, pipe, prompts)
-    plot_dynamics(dyn, os.path.join(a.out, "fig8_lora_dynamics.png"), tag)
+    plot_dynamics(dyn, os.path.join(a.out, OUTPUTS[1]), tag)
     pca = diagnostics.at_x_T(method, pipe, prompts, list(range(a.seeds)))
-    plot_pca(pca, prompts, os.path.join(a.out, "fig9_lora_pca.png"), tag)
+    plot_pca(pca, prompts, os.path.join(a.out, OUTPUTS[2]), tag)
     out = {"run": a.hyper, "key_steps": c["key_steps"], "mean_delta": c["delta"].mean(1).tolist(),
            "cos_first_last": dyn["cos_first"][-1].mean().item(), "change_mean": dyn["change"].mean(1).tolist(),
            "adaptivity_x_T": pca["adaptivity"], "adaptivity_prompts": pca["adaptivity_prompts"],
            "adaptivity_trajectory": dyn["adaptivity"], "pca_explained": pca["explained"].tolist()}
-    files.write_json(os.path.join(a.out, "analysis.json"), out)
+    files.write_json(os.path.join(a.out, OUTPUTS[3]), out)
     print(json.dumps(out))
 
 

@@ -23,11 +23,9 @@ def main(argv=None) -> None:
     # the static LoRA has no variant and no key steps: those flags are not offered
     cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0], exclude=("variant", "key_steps"),
                                           **{"out": "runs/static-lora", **config.STATIC})
-    try:
-        runs.train("static", cfg, resume, overwrite)
-    except ValueError as e:  # bad input, one line, exit 2 (as train.py)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = config.cli(lambda: runs.train("static", cfg, resume, overwrite))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

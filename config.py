@@ -12,9 +12,11 @@ at local paths, the paper's sampling settings; model, reward, prompts and prefer
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable
 
 import torch
 
@@ -99,12 +101,18 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and v < (0 if name == "steps" else 1):
                 raise ValueError(f"--{flag(name)} must be positive, got {v}")
+        for name in ("lr", "lambda_reg", "reward_from", "guidance"):     # NaN passes every comparison: refuse it
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"--{flag(name)} must be a finite number, got {v}")
         if self.lambda_reg < 0 or not self.lr > 0:
             raise ValueError(f"--lambda-reg must be >= 0 and --lr > 0 (got {self.lambda_reg}, {self.lr})")
         if not 0 <= self.reward_from < 1:
             raise ValueError(f"--reward-from must be in [0, 1), got {self.reward_from}")
         if self.guidance is not None and self.guidance < 0:
             raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
+        if not 0 <= self.seed < 2 ** 32:      # step seeds are seed * 1_000_003 + step: they must fit a generator's
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name, choices in (("variant", VARIANTS), ("reward_mode", REWARD_MODES), ("dtype", DTYPES),
                               ("reward_dtype", DTYPES)):
             if getattr(self, name) not in choices:
@@ -112,6 +120,8 @@ class RunConfig:
         for name in ("model", "prompts", "reward"):
             if not getattr(self, name):
                 raise ValueError(f"--{flag(name)} is required with --preset {self.preset}")
+        if self.reward:
+            rewards.parse_spec(self.reward, REWARDS)
         if not self.no_eval and not self.eval_prompts:
             raise ValueError("--eval-prompts is required (held-out prompts to score the run on), or pass --no-eval")
         if self.lambda_reg > 0 and not self.prefs:
@@ -140,6 +150,21 @@ PRESETS: dict[str, RunConfig] = {
                         eval_prompts="", prefs=None, reward="", hyper="flux-dev", steps=2000, lr=1e-4, n_eval=64,
                         eval_seeds=1, eval_batch=1, threads=None, out="runs/flux-dev"),
 }
+
+
+def cli(run: Callable[[], object]) -> int:
+    """A script's body, run the way every script here ends: bad input (a ValueError: paths, flags, specs, run
+    folders, checkpoints) is one line `error: ...` and exit status 2; Ctrl-C is one line and exit status 130 (what
+    the interrupted work left behind is said by the KeyboardInterrupt's message, e.g. runs.train's). 0 otherwise."""
+    try:
+        run()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e or 'stopped before anything was written'}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def flag(name: str) -> str:
@@ -198,7 +223,7 @@ def read_prompts(spec: str) -> list[str]:
     if not os.path.isfile(spec):
         raise ValueError(f"no such prompt file: {spec}")
     try:
-        with open(spec, encoding="utf-8") as f:
+        with open(spec, encoding="utf-8-sig") as f:            # a byte-order mark is not part of the first prompt
             lines = [ln.strip() for ln in f if ln.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{spec}: not a readable UTF-8 text file: {e}") from None
@@ -218,9 +243,10 @@ def eval_sets(cfg: RunConfig) -> dict[str, list[str]]:
     return out
 
 
-def load_reward(spec: str, tokenizer: str | None = None, device="cpu", dtype: str = "float32") -> rewards.WeightedSum:
+def load_reward(spec: str, tokenizer: str | None = None, device="cpu", dtype: str = "float32",
+                flag: str = "--reward") -> rewards.WeightedSum:
     return rewards.parse_reward_spec(spec, tokenizer=tokenizer, device=device, dtype=getattr(torch, dtype),
-                                     registry=REWARDS)
+                                     registry=REWARDS, flag=flag)
 
 
 def load_prefs(cfg: RunConfig, train_prompts: list[str], held_out: list[str]):

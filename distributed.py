@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -52,12 +53,19 @@ def init(device: str) -> tuple[Context, torch.device]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Context(), device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    # NOTE: when one process of the job dies, torchrun sends SIGTERM to the others; by default that kills them without
+    # a word. Turned into a KeyboardInterrupt, it ends each of them like Ctrl-C: one line saying what is kept.
+    signal.signal(signal.SIGTERM, _stopped_by_torchrun)
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Context(rank, world), device
+
+
+def _stopped_by_torchrun(signum, frame):
+    raise KeyboardInterrupt(f"rank {os.environ.get('RANK')} stopped by torchrun (another process of the job ended)")
 
 
 def close() -> None:

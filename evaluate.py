@@ -19,6 +19,7 @@ Columns: every reward, the judge (overall and per attribute), saturation, divers
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -297,7 +298,7 @@ def real_model(a) -> None:
     ctx, device = distributed.init(a.device)
     pipe = pipeline.load(a.model, device, getattr(torch, a.dtype), steps=a.sample_steps or 50,
                          guidance=a.guidance, tokenizer=a.tokenizer)
-    score = config.load_reward(a.score, a.reward_tokenizer, device, a.dtype)
+    score = config.load_reward(a.score, a.reward_tokenizer, device, a.dtype, "--score")
     prompts = config.read_prompts(a.prompts)[:a.n_prompts]
     mine = prompts[ctx.rank::ctx.world]
     rows = [("base", sample_with(pipe, lambda c: pipe.backbone))]
@@ -383,6 +384,7 @@ def parse_args(argv=None):
     g.add_argument("--bon", type=int, default=1, help="add a Best-of-N row (N > 1)")
     g.add_argument("--rho", type=float, default=0.0, help="add a gradient-guidance row with this step")
     g.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace result files that exist (refused otherwise)")
     g.add_argument("--dtype", default="float32", choices=config.DTYPES)
     a = p.parse_args(argv)
     try:
@@ -408,12 +410,40 @@ def parse_args(argv=None):
         p.error(f"--device {a.device}: CUDA is not available on this machine")
     if a.model is not None and not (a.score and a.prompts):
         p.error("a real --model needs --score and --prompts")
+    for k in ("guidance", "rho"):
+        if getattr(a, k) is not None and not math.isfinite(getattr(a, k)):
+            p.error(f"--{k} must be a finite number, got {getattr(a, k)}")
+    real = [f"--{k.replace('_', '-')}" for k in REAL_ONLY if getattr(a, k) != p.get_default(k)]
+    if a.model is None and real:       # never ignored: without --model they would start the hours-long toy tables
+        p.error(f"{', '.join(real)} belong to the real-checkpoint table: pass --model PATH too (without it "
+                "evaluate.py runs the toy protocol)")
     return a
+
+
+# the flags of the real-checkpoint table: given without --model, they are refused
+REAL_ONLY = ("tokenizer", "score", "reward", "reward_tokenizer", "prompts", "hyper", "sample_steps", "guidance",
+             "bon", "rho", "batch", "dtype")
 
 
 def run(argv=None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    wanted = {w.strip() for w in a.rows.split(",") if w.strip()}
+    unknown = wanted - {r.name for r in ROWS} - {r.slug for r in ROWS}
+    if unknown:
+        raise ValueError(f"--rows: unknown {sorted(unknown)}; rows: {', '.join(r.slug for r in ROWS)}")
+    models = [m for m in a.models.split(",") if m]
+    bad = [m for m in models if m not in ("toy-sd", "toy-flux")]
+    if bad:
+        raise ValueError(f"--models: {bad} are not toy models (toy-sd, toy-flux); use --model PATH")
+    rows = [(m, r) for m in models for r in ROWS if m in r.models and (not wanted or r.name in wanted or
+                                                                        r.slug in wanted)]
+    outputs = ([os.path.join(a.out, "table.json"), os.path.join(a.out, "table.md")] if a.model is not None else
+               [os.path.join(a.results, "search.json")] if a.search and a.search_part[1] == 1 else
+               [os.path.join(a.results, "budget.json")] if a.budget else [] if a.search else
+               [os.path.join(a.results, m, f"{r.slug}.json") for m, r in rows])
+    for path in outputs:                                  # every result file checked before hours of work
+        runs.check_output(path, a.overwrite, "--results" if a.model is None else "--out")
     os.makedirs(a.out, exist_ok=True)
     if a.model is not None:
         return real_model(a)
@@ -421,17 +451,11 @@ def run(argv=None) -> None:
         return print(search(a, Rewards())["chosen"])
     if a.budget:
         return print(budget(a, Rewards())["runs"])
-    wanted = {w.strip() for w in a.rows.split(",") if w.strip()}
-    unknown = wanted - {r.name for r in ROWS} - {r.slug for r in ROWS}
-    if unknown:
-        raise ValueError(f"--rows: unknown {sorted(unknown)}; rows: {', '.join(r.slug for r in ROWS)}")
     rewards = Rewards()
-    for model in [m for m in a.models.split(",") if m]:
-        if model not in ("toy-sd", "toy-flux"):
-            raise ValueError(f"--models: {model!r} is not a toy model (toy-sd, toy-flux); use --model PATH")
+    for model in models:
         pipe = config.load_pipeline(RunConfig.from_preset(model))
-        for row in ROWS:
-            if model not in row.models or (wanted and row.name not in wanted and row.slug not in wanted):
+        for m, row in rows:
+            if m != model:
                 continue
             t0 = time.time()
             record = run_row(row, model, pipe, a, rewards)
@@ -443,11 +467,9 @@ def run(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    try:
-        run(argv)
-    except ValueError as e:  # bad input: paths, specs, run folders; one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = config.cli(lambda: run(argv))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

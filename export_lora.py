@@ -89,16 +89,16 @@ def export(args) -> list[str]:
                          "and ComfyUI read")
     segs = segments(method, pipe, args.prompt, args.seed, args.negative_prompt)
     stem, ext = os.path.splitext(args.out)
-    paths = []
-    for first, last, factors in segs:
+    paths = [args.out if len(segs) == 1 else f"{stem}-steps-{first:03d}-{last:03d}{ext}" for first, last, _ in segs]
+    for path in paths:                                             # every file checked before the first is written
+        runs.check_output(path, args.overwrite)
+    for path, (first, last, factors) in zip(paths, segs):
         tensors = (diffusers_flux if args.format == "diffusers" else kohya)(factors, method.cfg.scale)
-        path = args.out if len(segs) == 1 else f"{stem}-steps-{first:03d}-{last:03d}{ext}"
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": str(args.seed),
                 "steps": str(pipe.steps), "guidance": str(pipe.guidance), "height": str(pipe.height),
                 "width": str(pipe.width), "variant": method.cfg.variant, "covers_steps": f"{first}-{last}",
                 "base_model": os.path.abspath(args.model), "format": args.format, "hyperalign_run": args.hyper}
         files.save_tensors(path, tensors, metadata=meta)
-        paths.append(path)
     return paths
 
 
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="OUT.safetensors (one segment) or its stem (several)")
     p.add_argument("--format", default="kohya", choices=("kohya", "diffusers"))
+    p.add_argument("--overwrite", action="store_true", help="replace existing files (they are refused otherwise)")
     for flag in ("--model", "--tokenizer", "--components"):
         p.add_argument(flag, default=None, help="as sample.py (default: the run's)")
     for flag, kind in (("--steps", int), ("--guidance", float), ("--height", int), ("--width", int)):
@@ -117,18 +118,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     args.batch, args.eta = 1, 0.0
-    try:
+
+    def run() -> None:
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
-        args.out, out = args.out[:-len(".safetensors")] + ".png", args.out   # sample.check_args checks an image path
-        sample.check_args(args)
-        args.out = out
-        paths = export(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("wrote " + ", ".join(paths))
-    return 0
+        sample.check_args(args, image_out=False)
+        runs.check_output(args.out, args.overwrite)
+        print("wrote " + ", ".join(export(args)))
+    return config.cli(run)
 
 
 if __name__ == "__main__":

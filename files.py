@@ -41,12 +41,14 @@ def write_atomic(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, no permission, or Ctrl-C half-way: no temporary file is left behind
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise FileError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
     _fsync_dir(folder)
 
 

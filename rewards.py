@@ -83,9 +83,40 @@ class WeightedSum(Reward):
 RewardMaker = Callable[..., Reward]
 
 
+def parse_spec(spec: str, registry: Mapping[str, RewardMaker] | None = None, flag: str = "--reward"
+               ) -> list[tuple[str, str, float]]:
+    """A reward spec "name[:path][=weight],..." -> [(name, path, weight)], checked but nothing loaded: every name
+    known (a `rel-` prefix allowed), every weight a finite number, no item or given path empty. The errors name
+    `flag`, so that a script can refuse a bad spec before it creates anything."""
+    registry = REWARDS if registry is None else registry
+    items = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            raise ValueError(f"{flag} {spec!r}: an empty item")
+        weight = 1.0
+        if "=" in item:
+            item, w = item.rsplit("=", 1)
+            try:
+                weight = float(w)
+            except ValueError:
+                raise ValueError(f"{flag} {spec!r}: weight {w!r} is not a number") from None
+            if not math.isfinite(weight):
+                raise ValueError(f"{flag} {spec!r}: weight {w!r} is not finite")
+        name, colon, path = item.partition(":")
+        base = name[len("rel-"):] if name.startswith("rel-") else name
+        if base not in registry:
+            raise ValueError(f"{flag}: unknown reward {name!r} in {spec!r}; known: {', '.join(sorted(registry))} "
+                             f"(prefix one with 'rel-' for SRPO's relative reward)")
+        if colon and not path:
+            raise ValueError(f"{flag} {spec!r}: {name}: names no file after ':' (name:PATH, or a toy reward's name "
+                             "alone for its shipped model)")
+        items.append((name, path, weight))
+    return items
+
+
 def parse_reward_spec(spec: str, tokenizer: str | None = None, device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None, registry: Mapping[str, RewardMaker] | None = None
-                      ) -> WeightedSum:
+                      dtype: torch.dtype | None = None, registry: Mapping[str, RewardMaker] | None = None,
+                      flag: str = "--reward") -> WeightedSum:
     """Parse `--reward` specs like "hps:HPS_v2.1.pt,pick:PickScore_v1=0.5,rel-hps:HPS.pt" into a WeightedSum.
 
     Each comma-separated item is `name[:path][=weight]` (weight 1 by default), `name` a key of `registry` (default:
@@ -94,22 +125,12 @@ def parse_reward_spec(spec: str, tokenizer: str | None = None, device: str | tor
     """
     registry = REWARDS if registry is None else registry
     parts: dict[str, tuple[Reward, float]] = {}
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            raise ValueError(f"empty item in reward spec {spec!r}")
-        weight = 1.0
-        if "=" in item:
-            item, w = item.rsplit("=", 1)
-            try:
-                weight = float(w)
-            except ValueError:
-                raise ValueError(f"reward spec {spec!r}: weight {w!r} is not a number") from None
-        name, _, path = item.partition(":")
+    for name, path, weight in parse_spec(spec, registry, flag):
         base = name[len("rel-"):] if name.startswith("rel-") else name
-        if base not in registry:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(sorted(registry))} "
-                             f"(prefix one with 'rel-' for SRPO's relative reward)")
-        reward = registry[base](path, tokenizer=tokenizer, device=device, dtype=dtype)
+        try:
+            reward = registry[base](path, tokenizer=tokenizer, device=device, dtype=dtype)
+        except ValueError as e:
+            raise type(e)(f"{flag} {name}: {e}") from None
         if base != name:
             reward = RelativeReward(reward)
         key, n = name.replace(".", "_"), 2

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,7 +38,11 @@ import scoring
 from config import RunConfig, flag
 from toy import judge as toy_judge
 
-POINTER, CONFIG, LOG = "checkpoint.json", "config.json", "metrics.jsonl"
+POINTER, CONFIG, LOG, LOCK = "checkpoint.json", "config.json", "metrics.jsonl", ".lock"
+RUN_FILES = (CONFIG, POINTER, LOG, LOCK, "metrics.json", "samples.png", "val.json")  # a run folder, besides ...
+CKPT = re.compile(r"^ckpt-\d{6}$")                                         # ... its step folders, which hold ...
+CKPT_FILES = ("weights.safetensors", "optim.pt")                            # ... these
+TMP = re.compile(r"^\..+\.tmp-\d+$")                                        # files.write_atomic's temporary names
 # settings that may differ when a run is resumed: how long it goes on, how it is checkpointed, evaluated and placed
 # (the batch size per process may change with the number of processes, as long as the global batch stays the same)
 RESUMABLE = ("steps", "save_every", "no_eval", "n_eval", "eval_seeds", "eval_batch", "eval_prompts", "device",
@@ -50,9 +55,23 @@ class RunError(ValueError):
 
 # ------------------------------------------------------------------------------------------------------ run folders
 
+def foreign(out: str) -> list[str]:
+    """What in folder `out` is not part of a run of ours (paths relative to it): anything but RUN_FILES, step
+    folders holding only CKPT_FILES, and temporary files of an interrupted write."""
+    found = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if CKPT.match(name) and os.path.isdir(path) and not os.path.islink(path):
+            found += [os.path.join(name, f) for f in sorted(os.listdir(path)) if f not in CKPT_FILES and not TMP.match(f)]
+        elif not (name in RUN_FILES or TMP.match(name)) or os.path.isdir(path) or os.path.islink(path):
+            found.append(name + ("/" if os.path.isdir(path) else ""))
+    return found
+
+
 def prepare(out: str, resume: bool, overwrite: bool) -> None:
-    """Refuse --out before anything is loaded or written: a file, an unwritable place, or a folder that already
-    holds a run without --resume / --overwrite. Nothing is created here."""
+    """Refuse --out before anything is loaded or written: a file, an unwritable place, a folder that already holds a
+    run without --resume / --overwrite, or --overwrite of a folder that holds anything but a run of ours. Nothing is
+    created here; `claim` checks again under the folder's lock."""
     if resume and overwrite:
         raise RunError("--resume and --overwrite contradict each other")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -62,26 +81,90 @@ def prepare(out: str, resume: bool, overwrite: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.access(out if os.path.isdir(out) else parent, os.W_OK):
         raise RunError(f"--out {out}: not writable")
-    holds_run = os.path.isdir(out) and bool(os.listdir(out))
+    holds = os.path.isdir(out) and [n for n in os.listdir(out) if n != LOCK]
     if resume and not os.path.isfile(os.path.join(out, POINTER)):
         raise RunError(f"--resume: no checkpoint in {out} (no {POINTER})")
-    if holds_run and not resume and not overwrite:
+    if holds and not resume and not overwrite:
         raise RunError(f"--out {out} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                        "or another --out")
+    if holds and overwrite:
+        other = foreign(out)
+        if other:
+            shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+            raise RunError(f"--overwrite: {out} holds files that are not a run's ({shown}); refusing to delete them")
+
+
+_LOCKS: dict[str, int] = {}          # run folder -> the open file descriptor of its lock, held until the process ends
+
+
+def claim(out: str, resume: bool, overwrite: bool) -> None:
+    """Take the run folder for this process: create it, lock it (DIR/.lock, an advisory lock the system drops when
+    the process ends, however it ends), check it again under the lock, and for --overwrite remove the old run's files.
+
+    A second writer is refused naming the process that holds the lock. A lock file left by a process that has died
+    holds no lock (the system released it), so it is taken over; its PID is only read for the message."""
+    import fcntl
+    key = os.path.abspath(out)
+    if key in _LOCKS:
+        return
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunError(f"--out {out} is being written by another process (PID {holder}, lock {path}): wait for it "
+                       "to end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[key] = fd
+    try:
+        prepare(out, resume, overwrite)             # again, now that no other process can change the folder
+    except RunError:
+        release(out)
+        raise
+    if overwrite:
+        for name in os.listdir(out):
+            p = os.path.join(out, name)
+            if name != LOCK:
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def release(out: str) -> None:
+    """Drop this process's lock on `out` (the lock file stays: it is part of the run folder)."""
+    fd = _LOCKS.pop(os.path.abspath(out), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def start(out: str, overwrite: bool, saved: dict) -> None:
-    """Create (or, with --overwrite, empty) the run folder and write its config.json."""
-    if overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    """Claim the run folder (created, locked; with --overwrite emptied) and write its config.json."""
+    claim(out, False, overwrite)
     files.write_json(os.path.join(out, CONFIG), saved)
+
+
+def read_config(out: str) -> dict:
+    """A run's config.json, checked against the digest its checkpoint pointer holds (an edited config.json would
+    silently change what is rebuilt: the variant, alpha, the model)."""
+    path = os.path.join(out, CONFIG)
+    saved = files.read_json(path, "run config")
+    pointer = os.path.join(out, POINTER)
+    if os.path.isfile(pointer):
+        digest = files.read_json(pointer, "checkpoint pointer").get("sha256", {}).get(CONFIG)
+        with open(path, "rb") as f:
+            if digest is not None and hashlib.sha256(f.read()).hexdigest() != digest:
+                raise RunError(f"{path} does not match {POINTER} (edited after the run started): refusing it")
+    if not isinstance(saved, dict):
+        raise RunError(f"{path}: not a run config")
+    return saved
 
 
 def check_resume(out: str, cfg: RunConfig, method: str, world: int = 1) -> dict:
     """The saved config of the run in `out`, if `cfg` continues it: the same method and settings (RESUMABLE may
     differ) and the same global batch (processes x --batch-size). A changed setting is refused, listing them."""
-    saved = files.read_json(os.path.join(out, CONFIG), "run config")
+    saved = read_config(out)
     if saved.get("method") != method:
         raise RunError(f"--resume: {out} holds a {saved.get('method')} run, not {method}")
     mine, theirs = cfg.to_dict(), saved.get("run", {})
@@ -96,12 +179,35 @@ def check_resume(out: str, cfg: RunConfig, method: str, world: int = 1) -> dict:
     return saved
 
 
+def check_output(path: str, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse an output file a script would write: an existing one without --overwrite, and, even with it, a run
+    folder's own files or anything inside its step folders (they are covered by its digests)."""
+    full = os.path.abspath(path)
+    folder, name = os.path.split(full)
+    parts = full.split(os.sep)
+    for i, part in enumerate(parts[:-1]):
+        if CKPT.match(part) and os.path.isfile(os.sep.join(parts[:i] + [POINTER])):
+            raise RunError(f"{flag} {path} is inside the checkpoint folder of the run in {os.sep.join(parts[:i])}: "
+                           "refusing to write there")
+    if name in RUN_FILES and os.path.isfile(os.path.join(folder, POINTER)):
+        raise RunError(f"{flag} {path} is a file of the run in {folder}: refusing to write it")
+    if os.path.isdir(full):
+        raise RunError(f"{flag} {path} is a folder")
+    if os.path.exists(full) and not overwrite:
+        raise RunError(f"{flag} {path} already exists: pass --overwrite to replace it")
+
+
 # ------------------------------------------------------------------------------------------------------ checkpoints
+
+def non_finite(tensors) -> list[str]:
+    """The names of the floating-point tensors in (name, tensor) pairs that hold a NaN or an infinity."""
+    return [k for k, v in tensors if v.is_floating_point() and not torch.isfinite(v).all()]
+
 
 def save(out: str, step: int, module: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """Write checkpoint `step` (see the module docstring). Non-finite weights are never written."""
     sd = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite(sd.items())
     if bad:
         raise RunError(f"refusing to checkpoint non-finite weights ({', '.join(bad[:3])}); the checkpoint in {out} "
                        "is the last good one")
@@ -116,8 +222,10 @@ def save(out: str, step: int, module: torch.nn.Module, opt: torch.optim.Optimize
     os.makedirs(path)
     for name, data in blobs.items():
         files.write_bytes(os.path.join(path, name), data)
-    files.write_json(os.path.join(out, POINTER), {"step": step, "folder": folder, "sha256": {
-        name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}})
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
+    with open(os.path.join(out, CONFIG), "rb") as f:     # the settings the weights belong to are covered too
+        digests[CONFIG] = hashlib.sha256(f.read()).hexdigest()
+    files.write_json(os.path.join(out, POINTER), {"step": step, "folder": folder, "sha256": digests})
     for old in os.listdir(out):
         if old.startswith("ckpt-") and old != folder:
             shutil.rmtree(os.path.join(out, old), ignore_errors=True)
@@ -148,6 +256,10 @@ def load(out: str) -> tuple[dict, dict, int]:
         raise RunError(f"checkpoint {os.path.join(out, folder)}: unreadable: {e}") from None
     if state.get("step") != step:
         raise RunError(f"checkpoint {os.path.join(out, folder)}: optim.pt is for step {state.get('step')}, not {step}")
+    bad = non_finite(weights.items())
+    if bad:     # save() never writes them: the file was made or edited elsewhere and its digest recomputed
+        raise RunError(f"checkpoint {os.path.join(out, folder)} holds non-finite weights ({', '.join(bad[:3])}), "
+                       "which no run of ours writes: start again with --overwrite")
     return weights, state["optim"], step
 
 
@@ -158,7 +270,7 @@ def load_trained(out: str, backbone, device=None):
     from weights import check_state_dict
     if not os.path.isdir(out):
         raise RunError(f"no such run folder: {out}")
-    saved = files.read_json(os.path.join(out, CONFIG), "run config")
+    saved = read_config(out)
     try:
         hcfg = hyperalign.HyperConfig(**saved["hyper"])
         kind = saved["method"]
@@ -170,9 +282,6 @@ def load_trained(out: str, backbone, device=None):
     module = method.hypernet if kind == "hyperalign" else method
     weights, _, step = load(out)
     check_state_dict(module, weights, f"{out} (trained for another model?)")
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise RunError(f"{out}: non-finite weights in the checkpoint ({', '.join(bad[:3])})")
     module.load_state_dict(weights, strict=True)
     saved["step"] = step
     return (method.to(device) if device is not None else method), saved
@@ -215,7 +324,7 @@ def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, rewar
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
             opt.step()
-            bad = [n for n, p in module.named_parameters() if not torch.isfinite(p).all()]
+            bad = non_finite(module.named_parameters())
             if bad:
                 raise FloatingPointError(f"parameters {', '.join(bad[:3])} became non-finite")
         except FloatingPointError as e:
@@ -275,6 +384,8 @@ def setup(cfg: RunConfig, resume: bool, overwrite: bool, pipe=None, reward=None,
     reward = reward or config.load_reward(cfg.reward, cfg.reward_tokenizer, device, cfg.reward_dtype)
     if prefs_reader is None and cfg.lambda_reg > 0:
         prefs_reader = config.load_prefs(cfg, prompts, [p for ps in sets.values() for p in ps])
+        if next(iter(prefs_reader), None) is None:  # readers are lazy: read one pair now, before a file is touched
+            raise RunError(f"--prefs {cfg.prefs}: no preference pair to train L_G on (after dropping held-out prompts)")
     if judge is None and sets and all(s.strip().startswith("toy:") for s in cfg.eval_prompts.split(",")):
         judge = toy_judge.judge                     # the toy world's ground truth, for toy prompts only
     pipe.backbone.model.gradient_checkpointing = cfg.grad_ckpt
@@ -288,6 +399,8 @@ def begin(kind: str, method, module: torch.nn.Module, opt, cfg: RunConfig, inp: 
     """Resume the run in cfg.out (same settings, verified checkpoint) or start it (calibrate P, write config.json
     and the step-0 checkpoint). Returns the step training goes on from."""
     if resume:
+        if inp.ctx.main:
+            claim(cfg.out, True, False)
         saved = check_resume(cfg.out, cfg, kind, inp.ctx.world)
         weights, optim, step = load(cfg.out)
         method.cfg.key_steps, method.cfg.key_of = tuple(saved["hyper"]["key_steps"]), saved["hyper"]["key_of"]
@@ -340,7 +453,22 @@ def train(kind: str, cfg: RunConfig, resume: bool = False, overwrite: bool = Fal
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.0)
     p_rule = (lambda: hyperalign.calibrate(method, inp.pipe, inp.prompts[:16], cfg.key_steps, cfg.seed, inp.ctx)) \
         if method.cfg.variant == "P" and kind == "hyperalign" else None
-    step = begin(kind, method, module, opt, cfg, inp, resume, overwrite, p_rule)
-    t1 = time.time()
-    fit(method, module, opt, inp.pipe, inp.reward, inp.prompts, inp.prefs_reader, cfg, step, inp.ctx, name)
-    return finish(method, module, cfg, inp, name, {"setup": round(t1 - t0, 1), "train": round(time.time() - t1, 1)})
+    try:
+        step = begin(kind, method, module, opt, cfg, inp, resume, overwrite, p_rule)
+        t1 = time.time()
+        fit(method, module, opt, inp.pipe, inp.reward, inp.prompts, inp.prefs_reader, cfg, step, inp.ctx, name)
+        return finish(method, module, cfg, inp, name, {"setup": round(t1 - t0, 1),
+                                                       "train": round(time.time() - t1, 1)})
+    except KeyboardInterrupt as e:  # every file is written atomically: what is on disk is whole, say what is kept
+        raise KeyboardInterrupt("; ".join(filter(None, (str(e), kept(cfg.out))))) from None
+    finally:
+        release(cfg.out)
+
+
+def kept(out: str) -> str:
+    """What an interrupted run leaves in `out`, in one sentence."""
+    try:
+        step = files.read_json(os.path.join(out, POINTER), "checkpoint pointer")["step"]
+    except (ValueError, KeyError, TypeError):
+        return f"no checkpoint was written in {out}"
+    return f"{out} keeps its checkpoint of step {step} (whole): continue with --resume"

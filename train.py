@@ -16,7 +16,8 @@ rows of every global batch (N x --batch-size), rank 0 writes the files.
 Writes DIR (--out; runs.py): config.json, checkpoint.json + ckpt-*/ (continue with --resume), metrics.jsonl during
 training, and at the end metrics.json (reward and toy judge, base vs aligned, per held-out set) and samples.png
 (base vs aligned on held-out prompts, labelled). A DIR that already holds a run is refused unless --resume or
---overwrite. Bad input: one line `error: ...`, exit status 2.
+--overwrite (which replaces only a folder holding nothing but a run). A folder is locked while a process writes it.
+Bad input: one line `error: ...`, exit status 2; Ctrl-C: one line saying which checkpoint is kept, exit status 130.
 """
 from __future__ import annotations
 
@@ -28,11 +29,9 @@ import runs
 
 def main(argv=None) -> None:
     cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0])
-    try:
-        runs.train("hyperalign", cfg, resume, overwrite)
-    except ValueError as e:  # bad input: paths, specs, checkpoints, run folders (all ValueErrors), one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = config.cli(lambda: runs.train("hyperalign", cfg, resume, overwrite))
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

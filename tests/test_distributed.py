@@ -135,3 +135,38 @@ def test_dealing_splits_every_global_batch_and_single_process_is_untouched(monke
     dealt = [list(distributed.deal(range(11), 2, c)) for c in ranks]   # global batches of 4; 3 left over
     assert dealt == [[0, 1, 4, 5], [2, 3, 6, 7]]
     assert [c.rows(2) for c in ranks] == [slice(0, 2), slice(2, 4)]
+
+
+KILLED = f"""
+import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+import losses, train
+real, calls = losses.training_step, [0]
+def step(*args, **kwargs):            # rank 1 dies like kill -9 at its second step
+    calls[0] += 1
+    if calls[0] == 2 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+losses.training_step = step
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_rank_that_dies_ends_the_others_with_one_line(tmp_path):
+    """torchrun stops the surviving rank (SIGTERM): it ends in one line saying what is kept, not in silence; the
+    run then resumes. (torchrun's own failure report follows; it is torchrun's, not this code's.)"""
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), *TINY, "--out", str(out), "--batch-size", "1", "--steps", "4", "--save-every",
+                        "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith(("interrupted:", "error:"))]
+    assert len(ours) == 1 and "rank 0 stopped by torchrun" in ours[0] and "--resume" in ours[0], r.stderr[-3000:]
+    assert "runs.py" not in r.stderr and "train.py" not in r.stderr          # no traceback of ours
+    step = run_folders.load(str(out))[2]                                   # a whole checkpoint, the one named
+    assert f"checkpoint of step {step} " in ours[0]
