@@ -11,7 +11,7 @@ what costs is every extra small kernel and every wait of the host for the GPU. H
     from t (hyperalign.Modulated), and the perception encoder sees the conditional rows only.
 
 The buffers hold one set of weights, so the fast path samples one image at a time (with its CFG copies); a batch of
-several samples, each with its own LoRA, takes the per-sample path of lora.py.
+several samples, each with its own LoRA, takes lora.py's unmerged path.
 Shape alphabet: B samples, O / I out / in features.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class StaticWeights:
 
     @torch.no_grad()
     def load(self, params: dict[str, Tensor] | None) -> None:
-        """Copy θ + Δθ (lora.merged_params, one sample's (O, I) weights) into the buffers; None: the base model."""
+        """Copy θ + Δθ (lora.prepare's merged weights of one sample, (O, I) each) into the buffers; None: the base."""
         src = [self.base[n] for n in self.names] if params is None else [params[f"{n}.weight"] for n in self.names]
         torch._foreach_copy_(self.buffers, src)
 

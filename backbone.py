@@ -1,8 +1,8 @@
 """The frozen generator as the method sees it: one adapter for the SD U-Net (VP diffusion) and the FLUX transformer
 (rectified flow), so that everything above works with either.
 
-    forward(params, x_t, t, cond)  the samplers' contract `model(x_t, t, cond) -> prediction`, optionally run with
-                                   merged LoRA weights (lora.py); None runs the base model
+    forward(weights, x_t, t, cond) the samplers' contract `model(x_t, t, cond) -> prediction`, optionally run with
+                                   LoRA weights (lora.prepare); None runs the base model
     features(x_t, t, cond)         the perception encoder E(x_t, t, c) of the hypernetwork (frozen)
     x0_hat / noised / target       the process's algebra: one-step prediction, q(x_t | x0), the denoising target
 
@@ -71,11 +71,9 @@ class Backbone:
         return (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
                 cond["y"].to(dtype), None if g is None else g.to(dtype))
 
-    def forward(self, params: dict[str, Tensor] | None, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        """f_{θ+Δθ}(x_t, t, cond) with the merged weights `params` from lora.merged_params (None: the base model)."""
-        args = self.inputs(x_t, t, cond)
-        out = self.model(*args) if params is None else lora.call_merged(self.model, params, *args)
-        return out.to(x_t.dtype)
+    def forward(self, weights: lora.Weights, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """f_{θ+Δθ}(x_t, t, cond) with LoRA weights from lora.prepare (None: the base model)."""
+        return lora.run(self.model, weights, *self.inputs(x_t, t, cond)).to(x_t.dtype)
 
     def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """The base model with the samplers' contract."""

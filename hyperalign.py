@@ -228,16 +228,15 @@ class HyperAlign(nn.Module):
         """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample. `net`: the hypernetwork wrapped for DDP (training)."""
         return (net or self.hypernet)(*self.backbone.features(x_t, t, cond))
 
-    def merged(self, factors: lora.Factors) -> dict[str, Tensor]:
-        """θ + Δθ for the target weights: (O, I) each for one sample, (B, O, I) for several."""
-        return lora.merged_params(self.backbone.model, lora.squeeze_single(factors), self.cfg.scale)
+    def prepared(self, factors: lora.Factors) -> lora.Weights:
+        """θ + Δθ ready to run (lora.prepare): merged weights for one sample, the unmerged LoRAs for several."""
+        return lora.prepare(self.backbone.model, factors, self.cfg.scale)
 
     @contextmanager
     def applied(self, factors: lora.Factors) -> Iterator[Callable]:
-        """Inside the block, `model(x_t, t, cond)` runs θ + Δθ for one sample's factors. Training puts forward *and*
-        backward inside it, so gradient checkpointing recomputes with the same weights (lora.substituted)."""
-        assert all(A.dim() == 2 for A, _ in lora.squeeze_single(factors).values()), "one sample's factors"
-        with lora.substituted(self.backbone.model, self.merged(factors)):
+        """Inside the block, `model(x_t, t, cond)` runs θ + Δθ, each sample of the batch with its own LoRA. Training
+        puts forward *and* backward inside it, so gradient checkpointing recomputes with the same LoRA."""
+        with lora.applied(self.backbone.model, self.prepared(factors)):
             yield self.backbone
 
     def sampler_model(self, cond, steps: int, variant: str | None = None, fast=None) -> "Modulated":
@@ -259,13 +258,6 @@ def count_params(cfg: HyperConfig, make_model: Callable[[], nn.Module], **backbo
 
 # ---------------------------------------------------------------------------------------------------------- variants
 
-def cond_rows(cond, idx) -> object:
-    """The rows `idx` of a conditioning (tensor, or flux_cond dict of tensors)."""
-    if isinstance(cond, dict):
-        return {k: (v[idx] if isinstance(v, Tensor) and v.dim() > 0 else v) for k, v in cond.items()}
-    return cond[idx]
-
-
 def lora_step(variant: str, k: int, key_steps: tuple[int, ...]) -> int:
     """The one S / I / P rule: the trajectory step whose state x_s makes the LoRA used at step k (0 = x_T).
 
@@ -285,7 +277,8 @@ class Modulated:
 
     The samplers call it once per step, so the call count is the step index k; a new LoRA is made when
     lora_step(k) == k (every step for S, the first for I, P's key steps), from the first copy's x_t and the prompt
-    conditioning given here, and its merged weights are kept for the segment (a reused LoRA costs nothing per step).
+    conditioning given here, and kept for the segment, prepared to run (lora.prepare: merged weights for one sample,
+    unmerged per-sample LoRAs for several), so that a reused LoRA costs nothing per step.
     NOTE: the step comes from counting, never from reading t: reading a GPU tensor on the host waits for the queued
     work and leaves the GPU idle while the next step is launched.
 
@@ -300,7 +293,7 @@ class Modulated:
         self.n = (cond["txt"] if isinstance(cond, dict) else cond).shape[0]
         if fast is not None and self.n != 1:
             raise ValueError(f"the fast path samples one image at a time (its LoRA in static buffers), got {self.n}")
-        self.step, self.calls, self._params = 0, 0, None
+        self.step, self.calls, self._weights = 0, 0, None
         self.keep, self.made = False, []          # keep=True: every LoRA made, [(step, factors)] (export_lora.py)
 
     @torch.no_grad()
@@ -312,13 +305,13 @@ class Modulated:
             factors = self.ha.factors(x_t[:self.n], t[:self.n], self.cond)
             if self.keep:
                 self.made.append((self.step, factors))
-            self._params = self.ha.merged(factors)
+            self._weights = self.ha.prepared(factors)
             if self.fast is not None:                     # merged into the static weights the captured call reads
-                self.fast.weights.load(self._params)
+                self.fast.weights.load(self._weights)
         self.step += 1
         if self.fast is not None:
             return self.fast(x_t, t, cond)
-        return self.ha.backbone.forward(self._params, x_t, t, cond)
+        return self.ha.backbone.forward(self._weights, x_t, t, cond)
 
 
 def curvature(x0_hats: Tensor) -> tuple[Tensor, Tensor]:

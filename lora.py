@@ -1,35 +1,35 @@
 """LoRA as a *functional* injection: run a frozen model with W + s·B·A in place of chosen weights, without touching it.
 
 The hypernetwork (hyperalign.py) emits low-rank factors (A, B) for every target layer; this file only knows parameter
-names and `torch.func.functional_call`. Three ways to run the modulated model:
+names, `torch.func.functional_call` and forward hooks. Δθ = s·B·A with the usual LoRA scale s = alpha / R (Hu et al.
+2021, Eq. 3). One way to run the modulated model, in two steps:
 
-  lora_call            one set of factors for the whole batch: the weights are merged once, W' = W + s·B·A
-                       (the fast path: sampling one prompt, with its CFG copies);
-  lora_call_per_sample every sample of the batch has its own factors: `torch.func.vmap` over `functional_call`, the
-                       model batch being K copies of the B samples stacked as (K B) (CFG: K = 2, uncond and cond copies
-                       of sample b share its LoRA);
-  merged_params +      the two steps behind both: merged weights can be kept and reused across sampling steps
-  call_merged          (variants I and P reuse them, so I costs one hypernetwork call over the base model);
-  substituted          a context manager doing the same substitution as `functional_call`, but held open across
-                       forward *and* backward, which gradient checkpointing needs (it re-runs the forward during
-                       backward; `functional_call` has already restored the original weights by then).
+    weights = prepare(model, factors, scale)     once per LoRA (HyperAlign-I / P keep it for a whole segment)
+    y = run(model, weights, *args)               per model call; `with applied(model, weights):` for training
+
+`prepare` picks how, from how many samples the factors are for:
+  merged    one LoRA (unbatched factors, or a batch of one): the target weights are merged once, W' = W + s·B·A, and
+            the model runs through `functional_call` with them; every row of the model batch (e.g. the two CFG copies)
+            shares them. The fast path at batch 1, and the only one the CUDA-graph path (accel.py) can capture.
+  Unmerged  B samples, each its own LoRA: the model keeps its own W, and each target adds its samples' low-rank term,
+            y = x·Wᵀ + s·(x·A_bᵀ)·B_bᵀ for the rows of sample b (a forward hook). The base matmul is shared by the
+            whole batch, and two thin batched matmuls per target (R ≪ I, O) replace B per-sample copies of W, as
+            multi-LoRA serving does it. Row r of the model batch (size N = K·B, stacked as (K B)) is sample r mod B.
+Both give the same numbers to float rounding (tests/test_lora.py: against a loop over samples, with gradients).
 
 Shape alphabet: B samples (one LoRA each), K copies of a sample in the model batch, R rank, I in, O out features.
 Factors: `{module_name: (A, B)}` with A (R, I), B (O, R), or batched A (B, R, I), B (B, O, R).
-Δθ = s·B·A with the usual LoRA scale s = alpha / R (Hu et al. 2021, Eq. 3).
 """
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.func import functional_call
 
 # Default targets: every attention projection (paper Fig. 3 shows LoRA on the attention blocks only).
 UNET_TARGETS = (r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$",)
@@ -71,10 +71,8 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[Target]:
 
 
 def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor]:
-    """{'<name>.weight': W + s·B·A} for every target: the weights the modulated model runs with.
-
-    Unbatched factors give (O, I) weights; batched ones (B, O, I), one per sample. The product is formed in the
-    weight's dtype so a bf16 model stays bf16.
+    """{'<name>.weight': W + s·B·A} for every target of ONE LoRA (unbatched factors): the weights the modulated model
+    runs with. The product is formed in the weight's dtype so a bf16 model stays bf16.
 
     NOTE: targets of one weight shape are merged together: one stacked product B·A and one multi-tensor add for the
     group instead of three small kernels per layer (SD1.5: 128 targets, a handful of shapes). Same numbers. On an H100
@@ -84,100 +82,90 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
     """
     groups: dict[tuple, list] = {}
     for name, (A, B) in factors.items():
+        assert A.dim() == 2, "merged_params merges one LoRA: A (R, I); B samples run unmerged (prepare)"
         W = model.get_submodule(name).weight                       # (O, I)
         groups.setdefault((W.shape, W.dtype, W.device, A.shape), []).append((name, W, A, B))
     params = {}
     for items in groups.values():
-        per_chunk = max(1, MERGE_CHUNK // items[0][1].numel() // max(1, items[0][2][..., 0, 0].numel()))
+        per_chunk = max(1, MERGE_CHUNK // items[0][1].numel())
         for i in range(0, len(items), per_chunk):
             names, Ws, As, Bs = zip(*items[i:i + per_chunk])
             dtype = Ws[0].dtype
-            delta = torch.stack(Bs).to(dtype) @ torch.stack(As).to(dtype)                # (G, [B,] O, I)
-            Ws = [W.expand_as(d) if d.dim() > W.dim() else W for W, d in zip(Ws, delta)]
-            merged = torch._foreach_add(Ws, list(delta.unbind(0)), alpha=scale)
+            delta = torch.stack(Bs).to(dtype) @ torch.stack(As).to(dtype)                # (G, O, I)
+            merged = torch._foreach_add(list(Ws), list(delta.unbind(0)), alpha=scale)
             params.update({f"{n}.weight": m for n, m in zip(names, merged)})
     return {f"{name}.weight": params[f"{name}.weight"] for name in factors}          # in the targets' order
 
 
-def call_merged(model: nn.Module, params: dict[str, Tensor], *args):
-    """Run `model(*args)` with merged weights from `merged_params`: one set for the whole batch (`functional_call`),
-    or, when they carry a leading sample dimension, per sample (`vmap` over `functional_call`).
+@dataclass(frozen=True)
+class Unmerged:
+    """B samples' LoRAs, applied unmerged (see the module docstring): batched factors and the scale."""
+    factors: Factors
+    scale: float
 
-    Per sample, row r of the model batch (size N = K·B) uses the weights of sample r mod B; positional tensor
-    arguments with N rows are split per sample, anything else (None, shared ids, scalars) goes to every sample.
+    @property
+    def samples(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[0]
+
+
+Weights = dict[str, Tensor] | Unmerged | None      # what prepare returns and run takes (None: the base model)
+
+
+def prepare(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor] | Unmerged:
+    """The cheapest way to run `factors`: merged weights for one LoRA (unbatched, or a batch of one), else Unmerged."""
+    A, _ = next(iter(factors.values()))
+    if A.dim() == 2:
+        return merged_params(model, factors, scale)
+    if A.shape[0] == 1:
+        return merged_params(model, {k: (a[0], b[0]) for k, (a, b) in factors.items()}, scale)
+    return Unmerged(factors, scale)
+
+
+def _add_lora(A: Tensor, B: Tensor, scale: float):
+    """A forward hook adding s·(x·A_bᵀ)·B_bᵀ to an nn.Linear's output for the rows of each sample b."""
+    def hook(module: nn.Module, inputs: tuple, y: Tensor) -> Tensor:
+        x = inputs[0]
+        b = A.shape[0]
+        if x.shape[0] % b:
+            raise ValueError(f"model batch {x.shape[0]} is not a multiple of the {b} LoRA samples")
+        xs = x.reshape(x.shape[0] // b, b, -1, x.shape[-1])                         # (K, B, L, I): rows (k b)
+        h = torch.einsum("kbli,bri->kblr", xs, A.to(x.dtype))                        # (K, B, L, R)
+        return y + scale * torch.einsum("kblr,bor->kblo", h, B.to(x.dtype)).reshape(y.shape)
+    return hook
+
+
+@contextmanager
+def applied(model: nn.Module, weights: Weights) -> Iterator[nn.Module]:
+    """Inside the block `model(*args)` runs with the LoRA, forward and backward (gradient checkpointing recomputes
+    the forward during backward, so the LoRA must still be in place then): merged weights substituted for the
+    model's own, or Unmerged's hooks. None: the base model."""
+    if weights is None:
+        yield model
+    elif isinstance(weights, Unmerged):
+        handles = [model.get_submodule(name).register_forward_hook(_add_lora(A, B, weights.scale))
+                   for name, (A, B) in weights.factors.items()]
+        try:
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+    else:
+        with substituted(model, weights):
+            yield model
+
+
+def run(model: nn.Module, weights: Weights, *args):
+    """`model(*args)` with prepared LoRA weights: merged ones through `functional_call`, Unmerged ones through
+    `applied`'s hooks, None the base model.
 
     NOTE: `tie_weights=False`: the generators have no tied parameters, and looking for ties walks every parameter
-    of the model on every call (~0.6 ms per toy U-Net step, 6% of it; it kept toy HyperAlign-I above 1.05x).
-    """
-    name, W = next(iter(params.items()))
-    if W.dim() == model.get_parameter(name).dim():
-        return functional_call(model, params, args, strict=False, tie_weights=False)
-    b = W.shape[0]
-    n = next(a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0)
-    if n % b:
-        raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
-    batched = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
-    grouped = [rearrange(a, "(k b) ... -> b k ...", b=b) if t else a for a, t in zip(args, batched)]
-
-    def one(p: dict[str, Tensor], *a):
-        return functional_call(model, p, a, strict=False, tie_weights=False)
-
-    in_dims = (0, *[0 if t else None for t in batched])
-    # NOTE: on the CPU, vmap has no batching rule for the fused attention kernel and falls back to a per-sample loop
-    # with a warning; the math kernel vmaps natively (the same speed on the toy models, measured: 1.14 s both ways).
-    with sdpa_kernel([SDPBackend.MATH]) if W.device.type == "cpu" else nullcontext():
-        out = vmap(one, in_dims=in_dims, randomness="different")(params, *grouped)
-    return rearrange(out, "b k ... -> (k b) ...")
-
-
-def lora_call(model: nn.Module, factors: Factors, scale: float, *args):
-    """Run `model(*args)` with one set of (unbatched) factors for the whole batch: the merged-weights fast path."""
-    return call_merged(model, merged_params(model, factors, scale), *args)
-
-
-def _n_samples(factors: Factors) -> int:
-    A, _ = next(iter(factors.values()))
-    assert A.dim() == 3, "per-sample factors are batched: A (B, R, I)"
-    return A.shape[0]
-
-
-def lora_call_per_sample(model: nn.Module, factors: Factors, scale: float, *args):
-    """Run `model(*args)` where row r of the model batch (size N = K·B) uses the LoRA of sample r mod B.
-
-    The per-sample weights W + s·B_b·A_b are formed once, then `vmap` runs `functional_call` per sample (see
-    `call_merged`); `lora_call_per_sample_loop` is the reference it is tested against.
-    """
-    _n_samples(factors)
-    return call_merged(model, merged_params(model, factors, scale), *args)
-
-
-def lora_call_per_sample_loop(model: nn.Module, factors: Factors, scale: float, *args):
-    """The per-sample reference: one `lora_call` per sample on its K rows. Same contract as `lora_call_per_sample`."""
-    b = _n_samples(factors)
-    n = next(a.shape[0] for a in args if isinstance(a, Tensor) and a.dim() > 0)
-    rows = torch.arange(n).view(n // b, b)                          # (K, B): row index of copy k of sample b
-    out = [None] * n
-    for i in range(b):
-        idx = rows[:, i]
-        a_i = [a[idx] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in args]
-        fac_i = {k: (A[i], B[i]) for k, (A, B) in factors.items()}
-        y = lora_call(model, fac_i, scale, *a_i)
-        for j, r in enumerate(idx.tolist()):
-            out[r] = y[j]
-    return torch.stack(out)
-
-
-def squeeze_single(factors: Factors) -> Factors:
-    """Batched factors of one sample -> unbatched (the merged fast path serves all its CFG copies)."""
-    A, _ = next(iter(factors.values()))
-    return {k: (A[0], B[0]) for k, (A, B) in factors.items()} if A.dim() == 3 and A.shape[0] == 1 else factors
-
-
-def lora_forward(model: nn.Module, factors: Factors | None, scale: float, *args):
-    """Dispatch: no factors -> the base model; unbatched or one-sample factors -> merged; otherwise per sample."""
-    if factors is None:
+    of the model on every call (~0.6 ms per toy U-Net step, 6% of it; it kept toy HyperAlign-I above 1.05x)."""
+    if weights is None:
         return model(*args)
-    return call_merged(model, merged_params(model, squeeze_single(factors), scale), *args)
+    if isinstance(weights, Unmerged):
+        with applied(model, weights):
+            return model(*args)
+    return functional_call(model, weights, args, strict=False, tie_weights=False)
 
 
 @contextmanager

@@ -8,7 +8,8 @@ where Δθ comes from. Shape letters as in hyperalign.py.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 import distributed
 from backbone import Backbone
-from hyperalign import cond_rows, lora_step
+from hyperalign import lora_step
 
 if TYPE_CHECKING:
     from pipeline import Pipeline
@@ -60,20 +61,29 @@ def first_reward_step(steps: int, reward_from: float) -> int:
     return min(int(reward_from * steps), steps - 1)
 
 
+@contextmanager
+def modulated(method, x_s: Tensor, t_s: Tensor, cond, net: nn.Module | None = None) -> Iterator[Callable]:
+    """The generator with θ + Δθ, Δθ = H(E(x_s, t_s, c)) made from the state x_s its variant reads (lora_step), one
+    LoRA per sample (Eq. 7; for the static LoRA the same Δθ for all). Forward *and* backward go inside the block:
+    gradient checkpointing recomputes the forward during the backward, with the same LoRA."""
+    with method.applied(method.factors(x_s, t_s, cond, net)) as model:
+        yield model
+
+
 def training_step(method, pipe: "Pipeline", reward, prompts: list[str], pref: dict | None, lam: float,
                   gen: torch.Generator, reward_from: float = 0.0, reward_mode: str = "one-step",
                   rows: slice = slice(None), net: nn.Module | None = None) -> dict:
-    """One step of L = L_R + λ L_G (paper Eq. 10) over a batch, accumulated sample by sample; gradients land in the
+    """One step of L = L_R + λ L_G (paper Eq. 10) for a batch, every sample with its own LoRA; gradients land in the
     trainable part of `method` only (HyperAlign's hypernetwork, or methods.StaticLoRA's factors). Returns scalars.
 
     1. roll out trajectories without gradient with the current method (variant S / I / P);
-    2. per sample, a step k drawn from `reward_from` of the way along; Δθ from the state its variant would use
-       (lora_step); one modulated step at x_k gives x0_hat, decoded and scored: L_R. reward_mode "one-step" (the
+    2. L_R: per sample a step k drawn from `reward_from` of the way along, Δθ from the state its variant reads
+       (lora_step(k)); one modulated step at x_k gives x0_hat, decoded and scored. reward_mode "one-step" (the
        paper): x_k is the rolled-out state and x0_hat its one-step prediction. "direct-align" (SRPO, seed 002): x_k is
        the rolled-out x_0 noised to t_k with a known eps, and x0_hat is recovered with that eps after one sampler
        step, so early (noisy) steps are scored on a clean-looking image;
-    3. a preferred image noised to a step drawn from the whole schedule, Δθ from the noised state its variant would
-       use, denoised by the modulated model: L_G.
+    3. L_G: a preferred image noised to a step drawn from the whole schedule, Δθ from the noised state its variant
+       reads, denoised by the modulated model.
 
     Under torchrun `prompts` is the global batch and `rows` this rank's part: all randomness is drawn for the global
     batch and sliced, so the ranks together do what one process does with the whole batch; `pref` is already this
@@ -83,57 +93,48 @@ def training_step(method, pipe: "Pipeline", reward, prompts: list[str], pref: di
     key = method.cfg.key_steps_for(steps)
     G = len(prompts)
     prompts = prompts[rows]
-    B = len(prompts)
+    B, on = len(prompts), torch.arange(len(prompts))
     cond, uncond = pipe.conds(prompts)
     x_T = pipe.noise(G, gen, device)[rows]
     traj = pipe.rollout(method.sampler_model(cond, steps), x_T, cond, uncond)            # 1. no gradient
     ks = torch.randint(first_reward_step(steps, reward_from), steps, (G,), generator=gen)[rows].tolist()
-    ts, pairs = traj["t"], pipe.pairs()
-    states = traj["x_t"]                                                                # (N+1, B, ...)
+    ts, pairs, states = traj["t"], pipe.pairs(), traj["x_t"]                           # states (N+1, B, ...)
     if reward_mode == "direct-align":                                                   # x_k = q(x_k | x_0, eps_r)
         eps_r = torch.randn((G, *x_T.shape[1:]), generator=gen)[rows].to(device)
-        x_0 = states[-1]
-        states = torch.stack([bb.noised(x_0, eps_r, pipe.t_batch(t, B)) for t in ts])
+        states = torch.stack([bb.noised(states[-1], eps_r, pipe.t_batch(t, B)) for t in ts])
     elif reward_mode != "one-step":
         raise ValueError(f"reward_mode must be 'one-step' or 'direct-align', got {reward_mode!r}")
-    if pref is not None:
+    with_g = pref is not None and lam != 0
+    if with_g:
         x0 = pipe.encode(pref["chosen"].to(device))
         eps = torch.randn((G, *x0.shape[1:]), generator=gen)[rows].to(device)
         kg = torch.randint(0, steps, (G,), generator=gen)[rows].tolist()
         pcond, _ = pipe.conds(pref["prompts"])
+
+    # 2. L_R = -r(D(x0_hat(x_k)), c), Δθ from x_s, s = lora_step(k)                                    (Eq. 8)
+    ss = [lora_step(variant, k, key) for k in ks]
+    t_k, t_s = pipe.t_each([ts[k] for k in ks]), pipe.t_each([ts[s] for s in ss])
+    x0_hat = bb.x0_hat if reward_mode == "one-step" else (
+        lambda x, t, pred: torch.cat([bb.recover(pipe.step(x[i:i + 1], pred[i:i + 1], *pairs[k])[0], eps_r[i:i + 1],
+                                                 pipe.t_batch(pairs[k][1], 1)) for i, k in enumerate(ks)]))
     decode = lambda x: clamp_straight_through(pipe.decode(x, clamp=False))             # noqa: E731
-    log = {"loss_r": 0.0, "loss_g": 0.0, "reward": 0.0}
-    with_g = pref is not None and lam != 0
-    for i in range(B):
-        row = slice(i, i + 1)
-        c_i, u_i = cond_rows(cond, row), None if uncond is None else uncond[row]
-        k, s = ks[i], lora_step(variant, ks[i], key)
-        t_k, t_s = pipe.t_batch(ts[k], 1), pipe.t_batch(ts[s], 1)
-        with distributed.sync_if(net, i == B - 1 and not with_g):                       # DDP: sync in the last backward
-            factors = method.factors(states[s][row], t_s, c_i, net)                     # 2. with gradient
-            x0_hat = bb.x0_hat if reward_mode == "one-step" else \
-                (lambda x, t, pred, k=k, i=i: bb.recover(pipe.step(x, pred, *pairs[k])[0], eps_r[i:i + 1],
-                                                          pipe.t_batch(pairs[k][1], 1)))
-            with method.applied(factors) as model:
-                loss_r, r = reward_loss(model, x0_hat, states[k][row], t_k, c_i, u_i, pipe.guidance,
-                                        decode, reward, prompts[row])
-                if not torch.isfinite(loss_r):
-                    raise FloatingPointError(f"reward loss is {loss_r.item()}")
-                (loss_r / B).backward()
-        log["loss_r"] += loss_r.item() / B
-        log["reward"] += r.mean().item() / B
-        if not with_g:
-            continue
-        k, s = kg[i], lora_step(variant, kg[i], key)                                     # 3.
-        t_k, t_s = pipe.t_batch(ts[k], 1), pipe.t_batch(ts[s], 1)
-        pc_i = cond_rows(pcond, row)
-        with distributed.sync_if(net, i == B - 1):
-            factors = method.factors(bb.noised(x0[row], eps[row], t_s), t_s, pc_i, net)
-            with method.applied(factors) as model:
-                loss_g = regularisation_loss(model, bb, x0[row], eps[row], t_k, pc_i)
-                if not torch.isfinite(loss_g):
-                    raise FloatingPointError(f"regularisation loss is {loss_g.item()}")
-                (lam * loss_g / B).backward()
-        log["loss_g"] += loss_g.item() / B
+    with distributed.sync_if(net, not with_g), modulated(method, states[ss, on], t_s, cond, net) as model:
+        loss_r, r = reward_loss(model, x0_hat, states[ks, on], t_k, cond, uncond, pipe.guidance, decode, reward,
+                                prompts)
+        if not torch.isfinite(loss_r):
+            raise FloatingPointError(f"reward loss is {loss_r.item()}")
+        loss_r.backward()
+    log = {"loss_r": loss_r.item(), "loss_g": 0.0, "reward": r.mean().item()}
+
+    # 3. L_G = || f_{θ+Δθ}(x_k, t_k, c) - target ||², x_k = q(x_k | x0, eps), Δθ from x_s                  (Eq. 9)
+    if with_g:
+        sg = [lora_step(variant, k, key) for k in kg]
+        t_k, t_s = pipe.t_each([ts[k] for k in kg]), pipe.t_each([ts[s] for s in sg])
+        with distributed.sync_if(net, True), modulated(method, bb.noised(x0, eps, t_s), t_s, pcond, net) as model:
+            loss_g = regularisation_loss(model, bb, x0, eps, t_k, pcond)
+            if not torch.isfinite(loss_g):
+                raise FloatingPointError(f"regularisation loss is {loss_g.item()}")
+            (lam * loss_g).backward()
+        log["loss_g"] = loss_g.item()
     log["loss"] = log["loss_r"] + lam * log["loss_g"]
     return log

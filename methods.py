@@ -58,7 +58,7 @@ class StaticLoRA(nn.Module):
 
     @contextmanager
     def applied(self, factors: lora.Factors) -> Iterator[Callable]:
-        with lora.substituted(self.backbone.model, lora.merged_params(self.backbone.model, factors, self.cfg.scale)):
+        with lora.applied(self.backbone.model, lora.prepare(self.backbone.model, factors, self.cfg.scale)):
             yield self.backbone
 
     def sampler_model(self, cond=None, steps: int | None = None, fast=None) -> Callable:
@@ -67,7 +67,7 @@ class StaticLoRA(nn.Module):
         if fast is not None:
             fast.weights.reset()                          # merge onto θ, not onto a LoRA the buffers still hold
         with torch.no_grad():
-            params = lora.merged_params(self.backbone.model, self(), self.cfg.scale)
+            params = lora.prepare(self.backbone.model, self(), self.cfg.scale)
         if fast is not None:
             fast.weights.load(params)
             return fast

@@ -133,8 +133,12 @@ class Pipeline:
         return [t for t, _ in self.pairs()]
 
     def t_batch(self, t, n: int, device=None) -> Tensor:
-        return torch.full((n,), t, device=device or self.device,
-                          dtype=torch.int64 if self.kind == "vp" else torch.float32)
+        """One model time for n samples, as the model takes it: (n,)."""
+        return self.t_each([t] * n, device)
+
+    def t_each(self, ts: list, device=None) -> Tensor:
+        """A model time per sample (VP: integer timesteps; flow: times in [0, 1]): (n,)."""
+        return torch.tensor(ts, device=device or self.device, dtype=torch.int64 if self.kind == "vp" else torch.float32)
 
     def step(self, x_t: Tensor, pred: Tensor, t, t_next, eta: float = 0.0, generator=None) -> tuple[Tensor, Tensor]:
         """One sampler update x_t -> x_{t_next} from the model's prediction: (x_next, x0_hat)."""

@@ -102,9 +102,9 @@ def per_call(pipe, ha, fast, runs: int) -> dict:
     x2, t2, c2 = torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])
     with torch.no_grad():
         factors = ha.factors(x, t, cond)
-        params = ha.merged(factors)
+        params = ha.prepared(factors)
         calls = {"u_s": lambda: pipe.backbone(x2, t2, c2), "u_mod_s": lambda: pipe.backbone.forward(params, x2, t2, c2),
-                 "h_s": lambda: ha.factors(x, t, cond), "m_s": lambda: ha.merged(factors)}
+                 "h_s": lambda: ha.factors(x, t, cond), "m_s": lambda: ha.prepared(factors)}
         if fast is not None:
             calls["u_fast_s"] = lambda: fast(x2, t2, c2)
         return {k: round(median_time(fn, runs, pipe.device), 5) for k, fn in calls.items()}
@@ -137,7 +137,7 @@ def flux_slice(device, dtype, runs: int, tiny: bool) -> dict:
     bb = Backbone("flow", model)
     ha = H.HyperAlign(H.HyperConfig.preset("toy-flux" if tiny else "flux-dev"), bb).to(device)
     with torch.no_grad():
-        params = ha.merged(ha.factors(x, t, cond))
+        params = ha.prepared(ha.factors(x, t, cond))
         calls = {"ours_s": lambda: bb(x, t, cond),
                  "diffusers_s": lambda: ref(hidden_states=x.to(dtype), encoder_hidden_states=txt.to(dtype),
                                             pooled_projections=y.to(dtype), timestep=t.to(dtype),

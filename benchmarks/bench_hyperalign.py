@@ -10,6 +10,8 @@ CFG, backward into the hypernetwork; a squared-x0_hat stand-in replaces VAE + re
 
     python benchmarks/bench_hyperalign.py                              # CPU fp32
     python benchmarks/bench_hyperalign.py --device cuda --dtype bfloat16 --latent 64 --steps 50
+    python benchmarks/bench_hyperalign.py --batches 1,4,16 --json benchmarks/results/sampling-batch.json
+                                            # the shipped toy SD / FLUX, batch 1 / 4 / 16, I / P / S vs base
 """
 from __future__ import annotations
 
@@ -89,6 +91,40 @@ def bench_sampling(ha: H.HyperAlign, latent: int, steps: int, runs: int, device:
     return out
 
 
+def bench_batches(model: str, batches: list[int], steps: int, runs: int) -> dict:
+    """The shipped toy model (toy SD: DDIM with CFG 5; toy FLUX: Euler), base vs HyperAlign-I / P / S sampling wall
+    time at each batch size (every sample its own LoRA: lora.py's unmerged path above one), median of `runs` timed
+    runs after a warm-up, all four interleaved so that load on the machine falls on each alike."""
+    import pipeline
+    from toy import world
+    pipe = pipeline.load(world.SD_DIR if model == "toy-sd" else world.FLUX_DIR, steps=steps)
+    torch.manual_seed(0)
+    ha = H.HyperAlign(H.HyperConfig.preset(model), pipe.backbone)
+    with torch.no_grad():                                   # a non-zero LoRA, as after training
+        for p in ha.hypernet.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ha.cfg.key_steps, ha.cfg.key_of = (0, 5, 10, 15), steps
+    prompts = world.eval_prompts("unseen", max(batches))
+    out = {}
+    for n in batches:
+        cond, uncond = pipe.conds(prompts[:n])
+        x_T = pipe.noise(n, torch.Generator().manual_seed(0))
+        models = {"base": lambda: pipe.backbone, **{v: (lambda v=v: ha.sampler_model(cond, steps, v)) for v in "IPS"}}
+        times = {k: [] for k in models}
+        with torch.no_grad():
+            for r in range(runs + 1):                       # run 0 warms up
+                for name, make in models.items():
+                    t0 = time.perf_counter()
+                    pipe.rollout(make(), x_T, cond, uncond, trajectory=False)
+                    if r:
+                        times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["base"])
+        out[str(n)] = {"base_s": round(base, 4), **{f"{k}_x": round(statistics.median(v) / base, 3)
+                                                     for k, v in times.items() if k != "base"}}
+        print(model, n, out[str(n)], flush=True)
+    return out
+
+
 def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtype, steps: int = 50, k: int = 3,
                      n: int = 1) -> dict:
     """Per-call costs, interleaved and repeated (robust on a busy machine), and the sampling-time ratios they imply
@@ -102,9 +138,9 @@ def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtyp
     t = torch.tensor([500] * n, device=device)
     x2, t2, c2 = torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])
     with torch.no_grad():
-        params = ha.merged(ha.factors(x, t, cond))
+        params = ha.prepared(ha.factors(x, t, cond))
         calls = {"u": lambda: unet(x2, t2, c2), "u_mod": lambda: ha.backbone.forward(params, x2, t2, c2),
-                 "h": lambda: ha.factors(x, t, cond), "m": lambda: ha.merged(ha.factors(x, t, cond)) and None}
+                 "h": lambda: ha.factors(x, t, cond), "m": lambda: ha.prepared(ha.factors(x, t, cond)) and None}
         times = {k_: [] for k_ in calls}
         for r in range(reps + 1):
             for name, fn in calls.items():
@@ -164,7 +200,22 @@ def main() -> None:
                    help="SD1.5: per-call costs and the ratios they imply, no end-to-end sampling (CPU: minutes)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default torch's; 1 on a busy machine)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the training step")
+    p.add_argument("--batches", default="", help="only the toy models' sampling cost at these batch sizes, e.g. "
+                   "1,4,16 (CPU, 1 thread, --steps 20), written to --json")
+    p.add_argument("--json", default=None, help="with --batches: the JSON file to write")
     a = p.parse_args()
+    if a.batches:
+        torch.set_num_threads(a.threads or 1)
+        batches = [int(b) for b in a.batches.split(",")]
+        res = {"device": f"cpu ({torch.get_num_threads()} thread)", "steps": a.steps or 20, "runs": a.runs,
+               "note": "median of --runs timed runs after a warm-up; ratios are HyperAlign's time over the base "
+                       "model's at the same batch", **{m: bench_batches(m, batches, a.steps or 20, a.runs)
+                                                       for m in ("toy-sd", "toy-flux")}}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=2)
+        print(json.dumps(res, indent=2))
+        return
     cuda = a.device == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -103,7 +103,7 @@ def build_sd(size: int, device, dtype):
 
     def model_step(ha, factors):                                                    # CFG, the sample's LoRA
         x2, t2, c2 = torch.cat([x_t, x_t]), t.repeat(2), torch.cat([uncond, cond])
-        u, c = ha.backbone.forward(ha.merged(factors), x2, t2, c2).chunk(2)
+        u, c = ha.backbone.forward(ha.prepared(factors), x2, t2, c2).chunk(2)
         return u + 7.5 * (c - u)
 
     return dict(backbone=backbone, vae=vae, preset="sd15", x_t=x_t, t=t, cond=cond, model_step=model_step,
@@ -125,7 +125,7 @@ def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dty
         full = n_params(Flux(FluxConfig()))
 
     return dict(backbone=backbone, vae=vae, preset="flux-dev", x_t=x_t, t=t, cond=cond,
-                model_step=lambda ha, factors: ha.backbone.forward(ha.merged(factors), x_t, t, cond),
+                model_step=lambda ha, factors: ha.backbone.forward(ha.prepared(factors), x_t, t, cond),
                 decode=lambda x0: vae.decode(sampler.unpack(x0, h, w).to(dtype)),
                 extra={"blocks": f"{double} double + {single} single of 19 + 38", "img_tokens": x_t.shape[1],
                        "txt_tokens": txt_tokens, "model_rows": 1, "full_model_params_M": round(full / 1e6),
