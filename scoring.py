@@ -68,13 +68,17 @@ def evaluate(model_fn: Callable, pipe, reward, prompts: list[str], seed: int, ju
     images = {k: torch.cat(v).float().cpu() for k, v in out.items()}
     scores = {f"reward_{k}": reward(v.to(pipe.device), prompts).float().cpu() for k, v in images.items()}
     if judge is not None:  # the toy world's ground truth: overall success, and each part (count, colour, ...)
+        from toy.world import parse
+        relational = torch.tensor([parse(p).relation is not None for p in prompts])
         for k, v in images.items():
             parts = judge(v, prompts)
             scores[f"judge_{k}"] = parts["overall"].float()
+            scores[f"binding_{k}"] = parts["binding"].float()
+            scores[f"position_{k}"] = parts["position"].float()[relational]     # over relational prompts only
             scores[f"judge_{k}_parts"] = {name: s.float().mean().item() for name, s in parts.items()}
     m = {k: v if isinstance(v, dict) else v.mean().item() for k, v in scores.items()}
-    for name in ("reward", "judge"):
-        if f"{name}_base" in scores:
+    for name in ("reward", "judge", "binding", "position"):
+        if f"{name}_base" in scores and len(scores[f"{name}_base"]):
             m.update(paired_change(name, scores[f"{name}_aligned"], scores[f"{name}_base"]))
     m["n"] = len(prompts)
     return m, images
@@ -224,15 +228,16 @@ def labelled_grid(rows: dict[str, torch.Tensor], captions: list[str], min_width:
 # --------------------------------------------------------------------------------------------------------- summary
 
 def summary(sets: dict[str, dict], paths: list[str] | None = None, adaptivity: dict | None = None) -> str:
-    """The short table a run ends with: per held-out set, reward and judge base -> aligned, the paired change with
-    its 95% interval (± 1.96 SE within this run), and the files written."""
-    lines = [f"{'held-out set':<14} {'n':>5}  {'metric':<7} {'base':>8} {'aligned':>8}  {'change (95% CI)':>22}"]
+    """The short table a run ends with: per held-out set, the reward and the judge (overall, and its binding and
+    position parts, position over relational prompts) base -> aligned, the paired change with its 95% interval
+    (± 1.96 SE within this run), and the files written."""
+    lines = [f"{'held-out set':<14} {'n':>5}  {'metric':<8} {'base':>8} {'aligned':>8}  {'change (95% CI)':>22}"]
     for name, m in sets.items():
-        for what in ("reward", "judge"):
-            if f"{what}_base" not in m:
+        for what in ("reward", "judge", "binding", "position"):
+            if f"{what}_change" not in m:
                 continue
             d, se = m[f"{what}_change"], m[f"{what}_change_se"]
-            lines.append(f"{name:<14} {m.get('n', 0):>5}  {what:<7} {m[f'{what}_base']:>8.4f} "
+            lines.append(f"{name:<14} {m.get('n', 0):>5}  {what:<8} {m[f'{what}_base']:>8.4f} "
                          f"{m[f'{what}_aligned']:>8.4f}  {d:>+9.4f} ± {1.96 * se:.4f}")
     if adaptivity:
         lines.append(f"adaptivity (share of E|Δθ|² between inputs; 0 = a static LoRA): {adaptivity['x_T']:.2f} at x_T"

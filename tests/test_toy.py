@@ -1,4 +1,5 @@
 """The toy world: renderer, splits, tokenizer, judge, shipped models (strict loading, sampling quality), toy rewards."""
+import json
 import random
 
 import pytest
@@ -238,15 +239,22 @@ def test_hard_negatives_stay_in_their_split_and_change_what_they_say():
     assert made == "attribute" and not world.is_heldout(neg)                                 # out: no swap
 
 
-def test_toy_image_reward_stage_writes_the_released_layout(tmp_path):
-    """The "ir" build stage (smoke preset) writes ImageReward.pt in the released layout + tokenizer + config, and
-    toy-ir loads it through imagereward.load, differentiable in the images."""
+def test_the_whole_build_runs_end_to_end(tmp_path):
+    """`python -m toy build --preset smoke`: every stage, each reading the files of the earlier ones, writes the
+    shipped layout: diffusers folders that load strictly, ImageReward.pt in the released layout, toy-comp's CLIP
+    folder; the rewards load through their spec names and are differentiable in the images."""
     from toy import build
-    build.build("smoke", str(tmp_path), ("ir",))
+    assert build.main(["build", "--preset", "smoke", "--root", str(tmp_path)]) == 0
+    import pipeline
+    for sub in ("sd", "flux"):
+        pipeline.load(str(tmp_path / sub), steps=2)
     sd = torch.load(tmp_path / "ir" / "ImageReward.pt")
     assert any(k.startswith("blip.visual_encoder.blocks.0.attn.qkv") for k in sd)
-    r = toy_rewards.toy_image_reward(str(tmp_path / "ir"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"pairs_comp_heldout_positions", "ir_acc_train_all", "sd_unseen_overall", "cond_flip"} <= set(metrics)
     caps = ["a red circle left of a blue square", "a yellow triangle"]
-    x = world.render_batch(caps, 0).requires_grad_(True)
-    r(x, caps).sum().backward()
-    assert x.grad.abs().sum() > 0 and not any(p.requires_grad for p in r.parameters())
+    for make, folder in ((toy_rewards.toy_image_reward, "ir"), (toy_rewards.toy_comp, "comp")):
+        r = make(str(tmp_path / folder))
+        x = world.render_batch(caps, 0).requires_grad_(True)
+        r(x, caps).sum().backward()
+        assert x.grad.abs().sum() > 0 and not any(p.requires_grad for p in r.parameters())

@@ -7,6 +7,7 @@ Stages, in order (each reads the files of the earlier ones from the root folder)
   unet   the SD U-Net;  flux  the FLUX transformer                              (train_models.py)
   prefs  the preference pairs and the preference head                           (data.py, train_rewards.py)
   ir     the toy ImageReward, from renders and their hard negatives             (data.py, train_rewards.py)
+  comp   toy-comp: the toy CLIP fine-tuned on renderer preference pairs        (data.py, train_rewards.py)
   eval   VAE PSNR, CLIP retrieval, judge accuracy of the base models; grids     (evaluate.py)
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def save_flux(cfg: BuildConfig, flux, folder: str) -> None:
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]})
 
 
-STAGES = ("clip", "vae", "unet", "flux", "prefs", "ir", "eval")
+STAGES = ("clip", "vae", "unet", "flux", "prefs", "ir", "comp", "eval")
 
 
 def build(preset: str = "full", root: str = world.ROOT, stages: tuple[str, ...] = STAGES, threads: int | None = None
@@ -137,6 +138,11 @@ def build(preset: str = "full", root: str = world.ROOT, stages: tuple[str, ...] 
             files.save_torch(os.path.join(folder, "ImageReward.pt"), {k: v.contiguous() for k, v in sd.items()})
             _json(os.path.join(folder, "config.json"), {"vision_heads": 2, "text_heads": 2, "mean": reward.mean,
                                                         "std": reward.std})
+            mine.update(figures)
+        elif stage == "comp":
+            from toy.rewards import save_comp
+            reward, figures = train_rewards.train_comp_reward(cfg, os.path.join(root, "clip"))
+            save_comp(reward, os.path.join(root, "comp"))
             mine.update(figures)
         elif stage == "eval":
             mine.update(evaluate.evaluate(cfg, root))

@@ -132,3 +132,23 @@ def hard_pairs(captions: list[str], seeds: list[int], rng: random.Random, kinds=
             neg_caps.append(c), neg_imgs.append(world.render_batch([nc], [s])[0])
         used.append(made)
     return pos, neg_caps, torch.stack(neg_imgs), used
+
+
+def hard_negative_image(caption: str, seed: int, kind: str, rng: random.Random) -> torch.Tensor:
+    """A wrong render for `caption` drawn from the same layout where one exists: (3, H, W) in [0, 1].
+
+    positions: the two objects' centres exchanged (the relation reversed); colours: their colours exchanged (a binding
+    error); missing: one object left out; attribute: a changed caption's render (a one-object caption gets this for
+    every kind). A colour exchange whose scene is a composition of the other split becomes a position exchange, for
+    the reason given in hard_negative."""
+    p = world.parse(caption)
+    if p.relation is not None:
+        a, b = p.objects
+        swapped = str(world.Prompt((world.Obj(b.colour, a.shape), world.Obj(a.colour, b.shape)), p.relation))
+        if kind == "colours" and (a.colour == b.colour or world.is_heldout(swapped) != world.is_heldout(caption)):
+            kind = "positions"
+        if kind in world.EXCHANGES:
+            return world.to_tensor([world.render(caption, seed, exchange=kind)])[0]
+        if kind == "missing":
+            return world.to_tensor([world.render(caption, seed, omit=rng.randrange(2))])[0]
+    return world.to_tensor([world.render(hard_negative(caption, "attribute", rng)[0], seed)])[0]

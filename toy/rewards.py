@@ -17,7 +17,7 @@ from torch import nn
 
 import rewards
 import weights
-from toy.world import CLIP_DIR, IR_DIR, PREF_DIR, SIZE
+from toy.world import CLIP_DIR, COMP_DIR, IR_DIR, PREF_DIR, SIZE
 
 def toy_clip_score(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> "rewards.CLIPReward":
     """CLIP score (Hessel et al. 2021) with the toy CLIP: 100 · cos(f_img, f_txt)."""
@@ -82,6 +82,40 @@ def toy_preference(path: str = "", tokenizer: str | None = None, device=None, dt
                          weights.load_tokenizer(tokenizer, clip_folder), head)
 
 
+class ToyComp(rewards.CLIPReward):
+    """toy-comp: (cos(f_img, f_txt) - mean) / std with the toy CLIP fine-tuned on preference pairs from the renderer
+    (toy/train_rewards.py: train_comp_reward), as HPS v2 fine-tunes CLIP on human preferences. It prefers the true
+    render to the same layout with the objects' positions or colours exchanged or an object missing, the true caption
+    to its relation flipped or colours swapped (docs/results.md: the composition table), and a clean render to a
+    degraded one. The judge (toy/judge.py) shares no code or weights with it."""
+
+    def __init__(self, model, tokenizer, mean: float, std: float):
+        super().__init__(model, tokenizer, scale=1.0)
+        self.mean, self.std = mean, std
+        self.freeze()
+
+    def forward(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        return (super().forward(images, prompts) - self.mean) / self.std
+
+
+def toy_comp(path: str = "", tokenizer: str | None = None, device=None, dtype=None) -> ToyComp:
+    """The shipped toy-comp (assets/toy/comp/: a CLIPModel folder with its tokenizer, and score.json: mean, std)."""
+    folder = path or COMP_DIR
+    norm = weights.read_config(folder, "score.json")
+    if not all(isinstance(norm.get(k), (int, float)) for k in ("mean", "std")) or not norm["std"] > 0:
+        raise weights.WeightsError(f"{folder}/score.json: needs a number 'mean' and a positive 'std'")
+    return ToyComp(rewards.load_clip_model(folder, device, dtype), weights.load_tokenizer(tokenizer, folder),
+                   float(norm["mean"]), float(norm["std"]))
+
+
+def save_comp(reward: ToyComp, folder: str) -> None:
+    """The folder toy_comp reads: the fine-tuned CLIPModel, its tokenizer, score.json."""
+    import files
+    reward.model.save_pretrained(folder)
+    reward.tokenizer.save_pretrained(folder)
+    files.write_json(os.path.join(folder, "score.json"), {"mean": reward.mean, "std": reward.std})
+
+
 def toy_image_reward(path: str = "", tokenizer: str | None = None, device=None, dtype=None):
     """The shipped toy ImageReward (assets/toy/ir/: ImageReward.pt, tokenizer/, config.json with the head counts and
     the score's normalisation), through imagereward.load like the real one. `tokenizer` (--reward-tokenizer, the CLIP
@@ -94,4 +128,4 @@ def toy_image_reward(path: str = "", tokenizer: str | None = None, device=None, 
 
 
 REWARDS: dict[str, rewards.RewardMaker] = {"toy-clip": toy_clip_score, "toy-pref": toy_preference,
-                                           "toy-ir": toy_image_reward}
+                                           "toy-ir": toy_image_reward, "toy-comp": toy_comp}

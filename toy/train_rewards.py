@@ -159,3 +159,63 @@ def train_image_reward(cfg: BuildConfig, tokenizer_folder: str):
     figures.update(ir_mean=reward.mean, ir_std=reward.std, ir_params=sum(p.numel() for p in model.parameters()))
     assert math.isfinite(reward.mean)
     return reward, figures
+
+
+# ------------------------------------------------------------------------------------------------------- toy-comp
+
+COMP_IMAGE_NEGATIVES = ("positions", "colours", "missing", "attribute")   # data.hard_negative_image kinds
+COMP_CAPTION_NEGATIVES = ("flip", "swap", "count", "attribute")           # data.hard_negative kinds
+COMP_QUALITY = ("blur", "noise", "washed", "cast", "tint")                # data.degrade kinds
+
+
+def train_comp_reward(cfg: BuildConfig, clip_folder: str):
+    """toy-comp, made as HPS v2 is made from CLIP (Wu et al. 2023): the toy CLIP fine-tuned on preference pairs, here
+    from the renderer, scored as cos(f_img, f_txt) and normalised. Each step, for a batch of train-split captions:
+
+      * images, Bradley-Terry: the true render against a wrong render of the same caption: the same layout with the
+        objects' positions or colours exchanged, an object missing, an attribute changed (data.hard_negative_image),
+        and a degraded render (blur, noise, washed out, a colour cast, blotches: data.degrade), so it sees quality
+        as well as composition; -log sigmoid(s (r(true) - r(wrong))), s the CLIP's logit scale;
+      * captions, listwise: each render against its caption, one hard-negative caption of every kind (the relation
+        flipped, the colours swapped, one object, an attribute changed) and the batch's other captions.
+    Every image gets the mild quality jitter of the toy ImageReward (the reward judges a diffusion model's blurrier
+    samples, not only crisp renders). Returns (the reward, normalised so that true pairs on train renders score
+    mean 0 and std 1, as ImageReward's scores are; figures)."""
+    from rewards import clip_preprocess, load_clip_model, pooled
+    from toy.rewards import ToyComp
+    clip = load_clip_model(clip_folder).train().requires_grad_(True)
+    tokenizer = weights.load_tokenizer(clip_folder)
+    opt, sched = optimizer(clip.parameters(), cfg.comp_lr, cfg.comp_steps)
+    rng, g = random.Random(cfg.seed + 21), torch.Generator().manual_seed(cfg.seed + 22)
+    B, train = cfg.comp_batch, world.prompts("train")
+    text = lambda caps: F.normalize(pooled(clip.get_text_features(input_ids=world.tokenize(tokenizer, caps, 16))), dim=-1)  # noqa: E731
+    image = lambda x: F.normalize(pooled(clip.get_image_features(pixel_values=clip_preprocess(x, world.SIZE))), dim=-1)  # noqa: E731
+    bar = tqdm(range(cfg.comp_steps), desc="toy-comp")
+    for i in bar:
+        caps = [rng.choice(train) for _ in range(B)]
+        seeds = [2 * 10**8 + i * B + j for j in range(B)]
+        pos = world.render_batch(caps, seeds)
+        wrong = torch.stack([data.hard_negative_image(c, s, COMP_IMAGE_NEGATIVES[j % 4], rng) for j, (c, s) in
+                             enumerate(zip(caps, seeds))])
+        worse = world.to_tensor([data.degrade(c, s, COMP_QUALITY[j % 5], rng) for j, (c, s) in
+                                 enumerate(zip(caps, seeds))])
+        f_img = image(jitter(torch.cat([pos, wrong, worse]), g)).view(3, B, -1)       # (3, B, D)
+        neg_caps = [data.hard_negative(c, k, rng)[0] for k in COMP_CAPTION_NEGATIVES for c in caps]
+        f_txt = text(caps + neg_caps)                                                 # ((1 + K) B, D)
+        s = clip.logit_scale.exp()
+        r = s * (f_img * f_txt[:B]).sum(-1)                                           # (3, B): true, wrong, worse
+        pairwise = F.softplus(-(r[0] - r[1:])).mean()
+        logits = s * f_img[0] @ f_txt.T                                               # (B, (1 + K) B)
+        dup = torch.tensor([[j != k and (caps + neg_caps)[j] == caps[k] for j in range(len(f_txt))] for k in range(B)])
+        listwise = F.cross_entropy(logits.masked_fill(dup, -1e4), torch.arange(B))
+        step(opt, sched, pairwise + listwise, clip)
+        bar.set_postfix(pairwise=f"{pairwise.item():.3f}", listwise=f"{listwise.item():.3f}")
+    clip.eval().requires_grad_(False)
+    reward = ToyComp(clip, tokenizer, mean=0.0, std=1.0)
+    with torch.no_grad():                                     # normalise as ImageReward does: (r - mean) / std
+        rng2 = random.Random(cfg.seed + 23)
+        caps = [rng2.choice(train) for _ in range(512)]
+        r = reward(world.render_batch(caps, 7 * 10**7), caps)
+        reward.mean, reward.std = r.mean().item(), max(r.std().item(), 1e-6)
+    assert math.isfinite(reward.mean)
+    return reward, {"comp_mean": reward.mean, "comp_std": reward.std}

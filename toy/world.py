@@ -32,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy")
-SD_DIR, FLUX_DIR, CLIP_DIR, PREF_DIR, IR_DIR = (os.path.join(ROOT, d) for d in ("sd", "flux", "clip", "pref", "ir"))
+SD_DIR, FLUX_DIR, CLIP_DIR, PREF_DIR, IR_DIR, COMP_DIR = (os.path.join(ROOT, d) for d in
+                                                           ("sd", "flux", "clip", "pref", "ir", "comp"))
 PREFS_PATH = os.path.join(ROOT, "prefs.parquet")
-METRICS_PATH = os.path.join(ROOT, "metrics.json")
 
 # ------------------------------------------------------------------------------------------------------------- world
 
@@ -167,15 +167,32 @@ def layout(caption: str, seed: int = 0) -> list[tuple[Obj, int, int, int]]:
     return [(p.objects[0], sa, va, ua), (p.objects[1], sb, vb, ub)]
 
 
-def render(caption: str, seed: int = 0, omit: int | None = None) -> Image.Image:
+EXCHANGES = ("positions", "colours")
+
+
+def exchanged(placed: list[tuple[Obj, int, int, int]], what: str) -> list[tuple[Obj, int, int, int]]:
+    """The same layout with the two objects' positions (centres) or colours exchanged: the relation reversed, or the
+    bindings swapped, and nothing else changed (the hard negatives of the composition reward; its accuracy table).
+    Both objects fit at either centre, and the centres stay as far apart as before, so nothing overlaps."""
+    if len(placed) != 2 or what not in EXCHANGES:
+        raise ValueError(f"exchange needs a two-object layout and one of {EXCHANGES}, got {len(placed)} / {what!r}")
+    (a, sa, xa, ya), (b, sb, xb, yb) = placed
+    if what == "positions":
+        return [(a, sa, xb, yb), (b, sb, xa, ya)]
+    return [(Obj(b.colour, a.shape), sa, xa, ya), (Obj(a.colour, b.shape), sb, xb, yb)]
+
+
+def render(caption: str, seed: int = 0, omit: int | None = None, exchange: str | None = None) -> Image.Image:
     """Draw the caption at random sizes and positions (deterministic in (caption, seed)); anti-aliased RGB.
 
-    `omit` leaves the object of that index out of the same layout (the preference data's 'missing object' render).
+    `omit` leaves the object of that index out of the same layout (the preference data's 'missing object' render);
+    `exchange` ("positions" or "colours") draws the same layout with the two objects' centres or colours exchanged.
     """
     k = SUPERSAMPLE
     img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    for i, (obj, s, cx, cy) in enumerate(layout(caption, seed)):
+    placed = layout(caption, seed)
+    for i, (obj, s, cx, cy) in enumerate(exchanged(placed, exchange) if exchange else placed):
         if i == omit:
             continue
         x0, y0 = (cx - s / 2) * k, (cy - s / 2) * k
