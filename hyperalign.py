@@ -189,6 +189,8 @@ class HyperNet(nn.Module):
         self.b = nn.ParameterList([nn.Parameter(F.normalize(torch.randn(t.out_features, R), dim=0))
                                    for t in targets])
         self.decoder0 = copy.deepcopy(self.decoder).requires_grad_(False)            # the ⁰ copies: frozen at init
+        shapes = [(t.in_features, t.out_features) for t in targets]
+        self.groups = [[i for i, s in enumerate(shapes) if s == shape] for shape in dict.fromkeys(shapes)]
         self.a0 = copy.deepcopy(self.a).requires_grad_(False)
         self.b0 = copy.deepcopy(self.b).requires_grad_(False)
 
@@ -196,14 +198,14 @@ class HyperNet(nn.Module):
         """Encoded features -> {target: (A (B, 2R, I), B (B, O, 2R))}: the LoRA of each target, per sample."""
         with torch.no_grad():
             M0 = self.decoder0(levels, text, emb)                                            # (B, T, R, R)
-        M, n = self.decoder(levels, text, emb), M0.shape[0]
-        out = {}
-        for i, t in enumerate(self.targets):
-            MA = M[:, i] @ self.a[i]                                                         # (B, R, I)
-            A = torch.cat([MA, MA - M0[:, i] @ self.a0[i]], dim=1)                           # (B, 2R, I)
-            B = torch.cat([self.b[i] - self.b0[i], self.b0[i]], dim=1)                       # (O, 2R)
-            out[t.name] = (A, B.expand(n, -1, -1))
-        return out
+        M, n, out = self.decoder(levels, text, emb), M0.shape[0], {}
+        for idx in self.groups:                   # targets of one shape together: one product for all of them
+            a, a0, b, b0 = (torch.stack([p[i] for i in idx]) for p in (self.a, self.a0, self.b, self.b0))
+            MA = M[:, idx] @ a                                                               # (B, G, R, I)
+            A = torch.cat([MA, MA - M0[:, idx] @ a0], dim=2)                                 # (B, G, 2R, I)
+            B = torch.cat([b - b0, b0], dim=2).expand(n, -1, -1, -1)                         # (B, G, O, 2R)
+            out.update({self.targets[i].name: (A[:, j], B[:, j]) for j, i in enumerate(idx)})
+        return {t.name: out[t.name] for t in self.targets}
 
 
 def frozen_targets(cfg: HyperConfig, backbone: Backbone) -> list[lora.Target]:

@@ -1,21 +1,23 @@
 """LoRA as a *functional* injection: run a frozen model with W + s·B·A in place of chosen weights, without touching it.
 
 The hypernetwork (hyperalign.py) emits low-rank factors (A, B) for every target layer; this file only knows parameter
-names, `torch.func.functional_call` and forward hooks. Δθ = s·B·A with the usual LoRA scale s = alpha / R (Hu et al.
+names, `torch.func.functional_call` and nn.Linear. Δθ = s·B·A with the usual LoRA scale s = alpha / R (Hu et al.
 2021, Eq. 3). One way to run the modulated model, in two steps:
 
     weights = prepare(model, factors, scale)     once per LoRA (HyperAlign-I / P keep it for a whole segment)
     y = run(model, weights, *args)               per model call; `with applied(model, weights):` for training
 
 `prepare` picks how, from how many samples the factors are for:
-  merged    one LoRA (unbatched factors, or a batch of one): the target weights are merged once, W' = W + s·B·A, and
-            the model runs through `functional_call` with them; every row of the model batch (e.g. the two CFG copies)
-            shares them. The fast path at batch 1, and the only one the CUDA-graph path (accel.py) can capture.
-  Unmerged  B samples, each its own LoRA: the model keeps its own W, and each target adds its samples' low-rank term,
-            y = x·Wᵀ + s·(x·A_bᵀ)·B_bᵀ for the rows of sample b (a forward hook). The base matmul is shared by the
-            whole batch, and two thin batched matmuls per target (R ≪ I, O) replace B per-sample copies of W, as
-            multi-LoRA serving does it. Row r of the model batch (size N = K·B, stacked as (K B)) is sample r mod B.
-Both give the same numbers to float rounding (tests/test_lora.py: against a loop over samples, with gradients).
+  one LoRA  (unbatched factors, or a batch of one): the target weights are merged once, W' = W + s·B·A, and the
+            model runs through `functional_call` with them; every row of the model batch (e.g. the two CFG copies)
+            shares them. The fast path at batch 1, and the one the CUDA-graph path (accel.py) captures.
+  PerSample B samples, each its own LoRA. Each target's forward runs the model batch (N = K·B rows, K copies of the B
+            samples stacked (K B): row r is sample r mod B) as a (K B)-batch of matrix products on a view of x:
+            unmerged, y = x·Wᵀ + s·(x·A_bᵀ)·B_bᵀ: the base matmul shared, two thin products (R ≪ I, O), no
+            per-sample copy of W, as multi-LoRA serving does it; or, when B copies of the target weights are small
+            (PER_SAMPLE_MERGE: the toy models), merged per sample, y = x·(W + s·B_b·A_b)ᵀ.
+All of them give the same numbers to float rounding (tests/test_lora.py: against a loop over samples, with
+gradients).
 
 Shape alphabet: B samples (one LoRA each), K copies of a sample in the model batch, R rank, I in, O out features.
 Factors: `{module_name: (A, B)}` with A (R, I), B (O, R), or batched A (B, R, I), B (B, O, R).
@@ -24,10 +26,11 @@ from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -98,71 +101,106 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
 
 
 @dataclass(frozen=True)
-class Unmerged:
-    """B samples' LoRAs, applied unmerged (see the module docstring): batched factors and the scale."""
+class PerSample:
+    """B samples' LoRAs for the rows of a model batch (see the module docstring): the batched factors, the scale, and
+    per target either the per-sample weights W + s·B_b·A_b, (B, O, I), when they are small (`merged`), or nothing
+    (the LoRA runs unmerged)."""
     factors: Factors
     scale: float
+    merged: dict[str, Tensor] = field(default_factory=dict)
+    tiles: dict = field(default_factory=dict, repr=False)    # (target, K, dtype) -> the operands tiled K times
 
     @property
     def samples(self) -> int:
         return next(iter(self.factors.values()))[0].shape[0]
 
+    def tiled(self, name: str, k: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Target `name`'s per-sample operands for K copies of the batch, as a (K B)-batch of matrices (row block r
+        is sample r mod B): the merged weights transposed (K B, I, O), or Aᵀ (K B, I, R) and Bᵀ (K B, R, O)."""
+        key = (name, k, dtype)
+        if key not in self.tiles:
+            ops = (self.merged[name].transpose(1, 2),) if name in self.merged else \
+                tuple(m.transpose(1, 2) for m in self.factors[name])
+            self.tiles[key] = tuple(m.to(dtype).repeat(k, 1, 1) for m in ops)
+        return self.tiles[key]
 
-Weights = dict[str, Tensor] | Unmerged | None      # what prepare returns and run takes (None: the base model)
+
+Weights = dict[str, Tensor] | PerSample | None      # what prepare returns and run takes (None: the base model)
+# NOTE: per-sample weights merged while all of them hold at most this many numbers (the toy models: a few million).
+# There a batched matmul with B weight copies costs what the base matmul costs, while the two thin products of the
+# unmerged form do not pay for themselves (R is not << I, O at width 32-64, and each product is one more kernel per
+# target: measured 1.36-1.56x the base model at batch 4-16 against ~1.1x merged). Real models (SD1.5 at batch 4:
+# ~10^9 numbers) run unmerged: no per-sample copy of any weight.
+PER_SAMPLE_MERGE = 2 ** 23
 
 
-def prepare(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor] | Unmerged:
-    """The cheapest way to run `factors`: merged weights for one LoRA (unbatched, or a batch of one), else Unmerged."""
+def prepare(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor] | PerSample:
+    """The cheapest way to run `factors`: merged weights for one LoRA (unbatched, or a batch of one); for B samples a
+    PerSample, with merged per-sample weights when they are small (PER_SAMPLE_MERGE), else unmerged."""
     A, _ = next(iter(factors.values()))
     if A.dim() == 2:
         return merged_params(model, factors, scale)
     if A.shape[0] == 1:
         return merged_params(model, {k: (a[0], b[0]) for k, (a, b) in factors.items()}, scale)
-    return Unmerged(factors, scale)
+    b, Ws = A.shape[0], {n: model.get_submodule(n).weight for n in factors}
+    if b * sum(W.numel() for W in Ws.values()) > PER_SAMPLE_MERGE:
+        return PerSample(factors, scale)
+    return PerSample(factors, scale, {n: torch.baddbmm(Ws[n].expand(b, -1, -1), B.to(Ws[n].dtype), A.to(Ws[n].dtype),
+                                                       alpha=scale) for n, (A, B) in factors.items()})  # (B, O, I)
 
 
-def _add_lora(A: Tensor, B: Tensor, scale: float):
-    """A forward hook adding s·(x·A_bᵀ)·B_bᵀ to an nn.Linear's output for the rows of each sample b."""
-    def hook(module: nn.Module, inputs: tuple, y: Tensor) -> Tensor:
-        x = inputs[0]
-        b = A.shape[0]
-        if x.shape[0] % b:
-            raise ValueError(f"model batch {x.shape[0]} is not a multiple of the {b} LoRA samples")
-        xs = x.reshape(x.shape[0] // b, b, -1, x.shape[-1])                         # (K, B, L, I): rows (k b)
-        h = torch.einsum("kbli,bri->kblr", xs, A.to(x.dtype))                        # (K, B, L, R)
-        return y + scale * torch.einsum("kblr,bor->kblo", h, B.to(x.dtype)).reshape(y.shape)
-    return hook
+def _per_sample_linear(module: nn.Linear, name: str, weights: PerSample):
+    """The forward of target `name` with each sample's LoRA on its rows: x (N = K·B, ..., I) -> (N, ..., O), as a
+    (K B)-batch of matrix products on a view of x (no activation is copied): merged, x·(W + s·B_b·A_b)ᵀ + bias;
+    unmerged, x·Wᵀ + bias + s·(x·A_bᵀ)·B_bᵀ."""
+    def forward(x: Tensor) -> Tensor:
+        n, b = x.shape[0], weights.samples
+        if n % b:
+            raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
+        ops = weights.tiled(name, n // b, x.dtype)
+        x3 = x.reshape(n, -1, x.shape[-1])                                               # (K B, L, I)
+        if len(ops) == 1 and module.bias is None:
+            y = torch.bmm(x3, ops[0])                                                    # (K B, L, O)
+        elif len(ops) == 1:
+            y = torch.baddbmm(module.bias.to(x.dtype).expand(n, x3.shape[1], -1), x3, ops[0])
+        else:
+            y = torch.baddbmm(F.linear(x3, module.weight, module.bias), torch.bmm(x3, ops[0]), ops[1],
+                              alpha=weights.scale)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return forward
 
 
 @contextmanager
 def applied(model: nn.Module, weights: Weights) -> Iterator[nn.Module]:
     """Inside the block `model(*args)` runs with the LoRA, forward and backward (gradient checkpointing recomputes
     the forward during backward, so the LoRA must still be in place then): merged weights substituted for the
-    model's own, or Unmerged's hooks. None: the base model."""
+    model's own, or, for per-sample LoRAs, each target's forward replaced by the per-sample one (an instance
+    attribute, removed on exit: the module's own forward is untouched). None: the base model."""
     if weights is None:
         yield model
-    elif isinstance(weights, Unmerged):
-        handles = [model.get_submodule(name).register_forward_hook(_add_lora(A, B, weights.scale))
-                   for name, (A, B) in weights.factors.items()]
+    elif isinstance(weights, PerSample):
+        mods = [(model.get_submodule(name), name) for name in weights.factors]
+        for m, name in mods:
+            m.forward = _per_sample_linear(m, name, weights)
         try:
             yield model
         finally:
-            for h in handles:
-                h.remove()
+            for m, _ in mods:
+                del m.forward
     else:
         with substituted(model, weights):
             yield model
 
 
 def run(model: nn.Module, weights: Weights, *args):
-    """`model(*args)` with prepared LoRA weights: merged ones through `functional_call`, Unmerged ones through
-    `applied`'s hooks, None the base model.
+    """`model(*args)` with prepared LoRA weights: one LoRA's merged weights through `functional_call`, per-sample
+    LoRAs through `applied`, None the base model.
 
     NOTE: `tie_weights=False`: the generators have no tied parameters, and looking for ties walks every parameter
     of the model on every call (~0.6 ms per toy U-Net step, 6% of it; it kept toy HyperAlign-I above 1.05x)."""
     if weights is None:
         return model(*args)
-    if isinstance(weights, Unmerged):
+    if isinstance(weights, PerSample):
         with applied(model, weights):
             return model(*args)
     return functional_call(model, weights, args, strict=False, tie_weights=False)
