@@ -177,11 +177,12 @@ def run_row(row: Row, model: str, pipe, a, rewards: Rewards) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- search
 
-# NOTE: one L_R mode and one λ: the first search (docs/results/search-first.json) compared the paper's one-step L_R
-# with Direct-Align's recovery for both methods at four (λ, lr) each: one-step had the higher val reward in 7 of the
-# 8 pairs (the eighth: -0.2851 against -0.2837). The second (docs/results/search-clamped.json, L_R still through a hard
-# clamp) put both methods' best at the ends of its lr range, and λ = 1 beat λ = 3 in 6 of 8 pairs.
-SEARCH = {"reward_mode": [("one-step", 0.5)], "lambda_reg": [1.0], "lr": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]}
+# Toy world v2's search, in two stages (the grids: where L_R is taken, then the learning rate). History: v1's searches
+# (search-first.json, search-clamped.json) preferred one-step L_R to direct-align in 7 of 8 pairs and λ = 1 to λ = 3 in
+# 6 of 8; λ stays 1. v1's reward could not see positions, and L_R from the later half only (reward_from 0.5) was taken
+# after the layout is fixed: v2 searches it.
+SEARCH_WHERE = [("one-step", 0.0), ("one-step", 0.25), ("one-step", 0.5), ("direct-align", 0.0)]
+SEARCH_LR = [3e-5, 1e-4, 3e-4, 1e-3]
 
 
 class Val:
@@ -206,7 +207,7 @@ def on_val(kind: str, cfg: RunConfig, v: Val) -> dict:
         sample_with(v.pipe, lambda c: method.sampler_model(c, v.pipe.steps)), v.pipe, v.val, [0, 1], v.score,
         toy_judge.judge, desc=f"val {kind}")[0])
     return {"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "reward": m[v.key],
-            "judge": m["judge/overall"],
+            "judge": m["judge/overall"], "position": m["judge/position"], "binding": m["judge/binding"],
             "adaptivity": runs.adaptivity(method, v.pipe, v.val)["x_T"] if kind == "hyperalign" else 0.0}
 
 
@@ -221,44 +222,71 @@ def scored_once(path: str, measure: Callable[[], dict]) -> dict:
 
 
 def search(a, rewards: Rewards) -> dict:
-    """The settings of the tables, chosen on the 'val' split (never on a reported one): the same grid (SEARCH, 6
-    settings, training seed 0) for HyperAlign-I and for the static LoRA, each scored on every 'val' prompt x 2 samples
-    (and each HyperAlign run's adaptivity at x_T over 16 'val' prompts x 4 seeds, recorded, not used to choose);
-    per method, the highest val reward among the settings whose mean val judge is not below the base model's (all
-    settings, if none); guidance's step ρ the same way. -> search.json. With --search-part K/N, processes
-    train and score disjoint parts of the grid (each setting's run folder keeps its val.json) and return."""
+    """The settings of the tables, chosen on the 'val' split (never on a reported one), training seed 0, each setting
+    scored on every 'val' prompt x 2 samples (and each HyperAlign run's adaptivity at x_T, recorded, not used):
+
+      1. where L_R is taken (SEARCH_WHERE: one-step from 0, 0.25 or 0.5 of the way, or direct-align from 0), for
+         HyperAlign-I and the static LoRA at their present learning rates; chosen by HyperAlign-I's;
+      2. the learning rate (SEARCH_LR) of each method at that setting;
+    per choice the highest val reward among the settings whose val judge is not below the base model's (all
+    settings, if none); guidance's step ρ the same way. -> search.json. With --search-part K/N, processes train and
+    score disjoint parts of the grid that can be run now (stage 2 once stage 1 is scored) and return."""
     v = Val(rewards)
     pipe, score, val, key, base_cfg = v.pipe, v.score, v.val, v.key, v.base_cfg
     base = scoring.measure(sample_with(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
                            desc="val base")[0]
-    found, out = {}, []
-    grid = [(kind, m, la, lr) for kind in ("hyperalign", "static") for m in SEARCH["reward_mode"]
-            for la in SEARCH["lambda_reg"] for lr in SEARCH["lr"]]
+    lrs = {"hyperalign": base_cfg.lr, "static": config.STATIC["lr"]}
     part, parts = a.search_part
-    for i, (kind, (mode, frm), lam, lr) in enumerate(grid):
+
+    def folder(kind, mode, frm, lr):
+        return os.path.join(a.out, "search", f"{kind}-{mode}-{frm:g}-{lr:g}")
+
+    def best(rows):
+        return max([r for r in rows if r["judge"] >= base["judge/overall"]] or rows, key=lambda r: r["reward"])
+
+    grid1 = [(kind, mode, frm, lrs[kind]) for kind in lrs for mode, frm in SEARCH_WHERE]
+    done1 = all(os.path.isfile(os.path.join(folder(*g), "val.json")) for g in grid1)
+    out, todo = [], list(grid1)
+    if done1 or parts == 1:
+        rows1 = [dict(on_val(g[0], replace(base_cfg, reward_mode=g[1], reward_from=g[2], lr=g[3], out=folder(*g)), v),
+                      setting={"reward_mode": g[1], "reward_from": g[2], "lr": g[3]}) for g in grid1]
+        mode, frm = (lambda r: (r["setting"]["reward_mode"], r["setting"]["reward_from"]))(
+            best([r for r in rows1 if r["method"] == "HyperAlign-I"]))
+        todo = [(kind, mode, frm, lr) for kind in lrs for lr in SEARCH_LR]
+    for i, (kind, mode, frm, lr) in enumerate(todo):
         if parts > 1 and i % parts != part:
             continue
-        over = dict(reward_mode=mode, reward_from=frm, lambda_reg=lam, lr=lr)
-        cfg = replace(base_cfg, **over, out=os.path.join(a.out, "search", f"{kind}-{mode}-{lam:g}-{lr:g}"))
-        fig = on_val(kind, cfg, v)
+        over = dict(reward_mode=mode, reward_from=frm, lr=lr)
+        fig = on_val(kind, replace(base_cfg, **over, out=folder(kind, mode, frm, lr)), v)
         out.append({"method": fig.pop("method"), "setting": over, **fig})
         print(out[-1], flush=True)
     if parts > 1:
-        return {"chosen": f"part {part} of {parts} done; run --search without --search-part to choose"}
+        return {"chosen": f"part {part} of {parts} of stage {2 if done1 else 1} done; run again (stage 2), then "
+                          "--search without --search-part to choose"}
+    for r in rows1:
+        r["stage"] = 1
+    for r in out:
+        r["stage"] = 2
+    found = {"where": {"reward_mode": mode, "reward_from": frm}}
+    for method in ("HyperAlign-I", "static LoRA"):
+        pick = best([r for r in out if r["method"] == method])
+        pick["chosen"] = True
+        found[method] = pick["setting"]
+    guidance = []
     for rho in (0.3, 1.0, 3.0):
         m = scored_once(os.path.join(a.out, "search", f"guidance-{rho:g}", "val.json"), lambda: scoring.measure(
             guidance_gen(pipe, rewards(base_cfg.reward), rho), pipe, val, [0], score, toy_judge.judge,
             desc=f"val guidance {rho}")[0])
-        out.append({"method": "guidance", "setting": {"rho": rho}, "reward": m[key],
-                    "judge": m["judge/overall"]})
-    for method in ("HyperAlign-I", "static LoRA", "guidance"):
-        mine = [r for r in out if r["method"] == method]
-        best = max([r for r in mine if r["judge"] >= base["judge/overall"]] or mine, key=lambda r: r["reward"])
-        best["chosen"] = True
-        found[method] = best["setting"]
+        guidance.append({"method": "guidance", "setting": {"rho": rho}, "reward": m[key], "judge": m["judge/overall"],
+                         "position": m["judge/position"], "binding": m["judge/binding"], "stage": 2})
+    pick = best(guidance)
+    pick["chosen"] = True
+    found["guidance"] = pick["setting"]
     record = {"split": f"val: {len(val)} prompts x 2 samples (guidance x 1), training seed 0",
-              "reward": key.split("/")[1], "base": {"reward": base[key], "judge": base["judge/overall"]}, "runs": out,
-              "chosen": found}
+              "reward": key.split("/")[1], "base": {"reward": base[key], "judge": base["judge/overall"],
+                                                    "position": base["judge/position"],
+                                                    "binding": base["judge/binding"]},
+              "runs": rows1 + out + guidance, "chosen": found}
     os.makedirs(a.results, exist_ok=True)
     files.write_json(os.path.join(a.results, "search.json"), record)
     return record

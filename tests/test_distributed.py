@@ -104,10 +104,12 @@ def test_two_ranks_equal_one_process_with_the_global_batch(runs):
     assert p_ddp.keys() == p_one.keys() and g_ddp.keys() == g_one.keys()
     assert not torch.equal(p_one["decoder.head.weight"], p_one["decoder0.head.weight"])   # it trained
     assert rel_err(vector(p_ddp), vector(p_one)) < 1e-4
-    # gradients from the same parameters (the first step) agree to rounding (measured 2.5e-6); later steps' gradients
-    # are taken at parameters that Adam has already moved apart by rounding (3rd step: 1e-4), so they are not compared
+    # gradients from the same parameters (the first step) agree to fp32 rounding: measured 1.1e-5 on toy world v2,
+    # where one process runs its two samples in one batched call and each rank its one (the same arithmetic in
+    # another order: in float64 the two agree to 1e-15, tests/test_train.py); later steps' gradients are taken at
+    # parameters that Adam has already moved apart by rounding (3rd step: 1e-4), so they are not compared
     (_, g_ddp), (_, g_one) = load(runs, "ddp1"), load(runs, "single1")
-    assert rel_err(vector(g_ddp), vector(g_one)) < 1e-5
+    assert rel_err(vector(g_ddp), vector(g_one)) < 5e-5
     # rank 0 logs the mean over ranks. The first step's loss, from the same parameters, agrees to rounding (measured
     # 7.5e-6); later losses are taken at parameters Adam has moved apart by rounding (it steps ±lr on a component whose
     # gradient is rounding noise): measured 2.7e-4 at the second step once L_R's gradient passed the clamp
