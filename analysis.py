@@ -28,6 +28,7 @@ import diagnostics  # noqa: E402
 import files  # noqa: E402
 import hyperalign  # noqa: E402
 import pipeline  # noqa: E402
+import rundir  # noqa: E402
 import runs  # noqa: E402
 
 
@@ -118,10 +119,10 @@ def run(argv=None) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     torch.set_num_threads(a.threads)
     for name in OUTPUTS:
-        runs.check_output(os.path.join(a.out, name), a.overwrite)
+        rundir.check_output(os.path.join(a.out, name), a.overwrite)
     if not os.path.isdir(a.hyper):
-        raise runs.RunError(f"--hyper {a.hyper}: no such run folder")
-    saved = runs.read_config(a.hyper)["run"]
+        raise rundir.RunError(f"--hyper {a.hyper}: no such run folder")
+    saved = rundir.read_config(a.hyper)["run"]
     pipe = pipeline.load(saved["model"], "cpu", torch.float32, saved.get("resolution"), saved.get("resolution"),
                          saved.get("sample_steps"), saved.get("guidance"), saved.get("tokenizer"))
     method, saved = runs.load_trained(a.hyper, pipe.backbone)

@@ -6,7 +6,7 @@ where Δθ comes from. It is the paper's "fine-tuning" contrast, DRaFT-1-like (t
 model call only).
 
 Direct-Align / SRPO (seed 002) is the same script with SRPO's settings:
-    python baselines.py --reward-mode direct-align --reward rel-toy-ir --reward-from 0 --lambda-reg 0 --out DIR
+    python baselines.py --reward-mode direct-align --reward rel-toy-comp --reward-from 0 --lambda-reg 0 --out DIR
 
 Writes DIR (--out) as train.py does: config.json, checkpoints, metrics.jsonl, metrics.json, samples.png; sample.py
 --hyper DIR and evaluate.py read it like a HyperAlign run.

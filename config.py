@@ -51,7 +51,7 @@ class RunConfig:
         "help": "held-out prompt sets, comma-separated (files or toy:SPLIT); each is scored separately"})
     prefs: str | None = field(default=world.PREFS_PATH, metadata={
         "help": "preference data for L_G: Pick-a-Pic parquet, HPDv2 train.json, or JSONL (prefs.py)"})
-    reward: str = field(default="toy-ir", metadata={"help": "reward spec 'name[:path][=weight],...' (rewards.py)"})
+    reward: str = field(default="toy-comp", metadata={"help": "reward spec 'name[:path][=weight],...' (rewards.py)"})
     reward_tokenizer: str | None = field(default=None, metadata={"help": "CLIP tokenizer folder for rewards "
                                                                           "without one (HPS)"})
     reward_dtype: str = field(default="float32", metadata={"help": "dtype of the reward model", "choices": DTYPES})

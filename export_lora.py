@@ -26,6 +26,7 @@ import torch
 import config
 import files
 import pipeline
+import rundir
 import runs
 import sample
 
@@ -91,7 +92,7 @@ def export(args) -> list[str]:
     stem, ext = os.path.splitext(args.out)
     paths = [args.out if len(segs) == 1 else f"{stem}-steps-{first:03d}-{last:03d}{ext}" for first, last, _ in segs]
     for path in paths:                                             # every file checked before the first is written
-        runs.check_output(path, args.overwrite)
+        rundir.check_output(path, args.overwrite)
     for path, (first, last, factors) in zip(paths, segs):
         tensors = (diffusers_flux if args.format == "diffusers" else kohya)(factors, method.cfg.scale)
         meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": str(args.seed),
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
         sample.check_args(args, image_out=False)
-        runs.check_output(args.out, args.overwrite)
+        rundir.check_output(args.out, args.overwrite)
         print("wrote " + ", ".join(export(args)))
     return config.cli(run)
 

@@ -53,7 +53,7 @@ def paired(a: dict, b: dict, split: str, key: str) -> list[float]:
 
 
 def rewards(rows: dict[str, dict]) -> list[str]:
-    """The protocol's score rewards, first the one the rows were trained for ('toy-ir,toy-pref,toy-clip')."""
+    """The protocol's score rewards, first the one the rows were trained for ('toy-comp,toy-ir,toy-pref,toy-clip')."""
     return next(iter(rows.values()))["protocol"]["score"].split(",")
 
 

@@ -28,6 +28,7 @@ import accel
 import config
 import files
 import pipeline
+import rundir
 import runs
 
 
@@ -78,7 +79,7 @@ def check_args(args: argparse.Namespace, image_out: bool = True) -> None:
         if os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             raise ValueError(f"--out must end in .png, .jpg or .webp, got {args.out!r}")
         for path in out_paths(args.out, args.batch):
-            runs.check_output(path, args.overwrite)
+            rundir.check_output(path, args.overwrite)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     if args.model is None and args.hyper is None:
@@ -94,8 +95,8 @@ def out_paths(out: str, n: int) -> list[str]:
 def run_defaults(args: argparse.Namespace) -> None:
     """Fill what was not given from the --hyper run's config.json (its model and sampling settings)."""
     if not os.path.isdir(args.hyper):
-        raise runs.RunError(f"--hyper {args.hyper}: no such run folder")
-    saved = runs.read_config(args.hyper).get("run", {})
+        raise rundir.RunError(f"--hyper {args.hyper}: no such run folder")
+    saved = rundir.read_config(args.hyper).get("run", {})
     args.model = args.model or saved.get("model")
     args.tokenizer = args.tokenizer or saved.get("tokenizer")
     args.steps = args.steps or saved.get("sample_steps")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import rel_err
 
-import runs as run_folders
+import rundir as run_folders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,6 @@ protocol's rows trained and scored on tiny pipelines into per-row JSON that resu
 Table 1 on a tiny random SD checkpoint with a tiny version of every reward of the paper's columns; bad arguments."""
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from tiny import pref_pairs, redness, tiny_pipe
 
 import config
 import evaluate as E
+import protocol as P
 import imagereward
 import results
 import rewards
@@ -36,7 +36,7 @@ def test_diversity_is_zero_for_identical_seeds_and_one_for_orthogonal():
 
 def test_measure_is_deterministic_and_fills_every_column():
     pipe = tiny_pipe("vp", steps=2)
-    gen = E.sample_with(pipe, lambda c: pipe.backbone)
+    gen = P.sample_with(pipe, lambda c: pipe.backbone)
     embed = lambda im: torch.nn.functional.normalize(im.flatten(1), dim=-1)  # noqa: E731
     m1, im1 = scoring.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2, per_image=True)
     m2, im2 = scoring.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
@@ -45,7 +45,7 @@ def test_measure_is_deterministic_and_fills_every_column():
     assert m1["per_image"]["reward"] == pytest.approx(redness(im1.flatten(0, 1), PROMPTS * 2).tolist())
     assert m1["reward/reward"] == pytest.approx(sum(m1["per_image"]["reward"]) / 6) and m1["diversity"] > 0
     # the same x_T for every method (at one batch size): a second generator of the base model gives the same samples
-    again = scoring.measure(E.sample_with(pipe, lambda c: pipe.backbone), pipe, PROMPTS, [0], redness, batch=2)[1]
+    again = scoring.measure(P.sample_with(pipe, lambda c: pipe.backbone), pipe, PROMPTS, [0], redness, batch=2)[1]
     assert torch.equal(again, im1[:1])
 
 
@@ -53,23 +53,23 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     """Two training seeds of two trained rows and two untrained rows on a tiny pipeline, scored on a few prompts:
     one JSON per row with a figure per training seed, and results.py's table with a t-interval over seeds."""
     pipe = tiny_pipe("vp", steps=2)
-    a = SimpleNamespace(train_seeds=[0, 1], sample_seeds=2, heldout_seeds=1, n_prompts=3, out=str(tmp_path / "runs"),
-                        results=str(tmp_path / "res"))
-    monkeypatch.setattr(E, "SCORE", "red")
+    a = P.Protocol(train_seeds=(0, 1), sample_seeds=2, heldout_seeds=1, n_prompts=3, out=str(tmp_path / "runs"),
+                   results=str(tmp_path / "res"))
+    monkeypatch.setattr(P, "SCORE", "red")
     monkeypatch.setitem(config.REWARDS, "red", lambda path, **kw: RedReward())
     monkeypatch.setattr(config, "load_prefs", lambda cfg, train, held: pref_pairs())
-    monkeypatch.setattr(E.world, "SIZE", 16)
-    rows = [r for r in E.ROWS if r.name in ("base", "HyperAlign-I", "static LoRA", "Best-of-8",
+    monkeypatch.setattr(P.world, "SIZE", 16)
+    rows = [r for r in P.ROWS if r.name in ("base", "HyperAlign-I", "static LoRA", "Best-of-8",
                                             "HyperAlign-I, LoRA averaged")]
-    monkeypatch.setattr(E, "PROBE", (2, (5,)))
+    monkeypatch.setattr(P, "PROBE", (2, (5,)))
     base = config.RunConfig.from_preset
     monkeypatch.setattr(config.RunConfig, "from_preset",
                         classmethod(lambda cls, name, **kw: base(name, **{**kw, "steps": 2, "batch_size": 2,
                                                                            "reward": "red"})))
-    monkeypatch.setattr(E.runs, "adaptivity", lambda method, pipe, prompts: {"x_T": 0.5})
+    monkeypatch.setattr(P.runs, "adaptivity", lambda method, pipe, prompts: {"x_T": 0.5})
     recs = {}
     for row in rows:
-        rec = E.run_row(row, "toy-sd", pipe, a, E.Rewards())
+        rec = P.run_row(row, "toy-sd", pipe, a, P.Rewards())
         recs[row.name] = rec
         os.makedirs(os.path.join(a.results, "toy-sd"), exist_ok=True)
         json.dump(rec, open(os.path.join(a.results, "toy-sd", f"{row.slug}.json"), "w"))
@@ -144,5 +144,5 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_every_row_has_its_own_files():
     """Each row's slug names its JSON and run folders: two rows with one slug would overwrite each other."""
-    slugs = [r.slug for r in E.ROWS]
+    slugs = [r.slug for r in P.ROWS]
     assert len(set(slugs)) == len(slugs), slugs

@@ -14,6 +14,7 @@ from test_sample_flux import tiny_flux_pipeline
 import export_lora
 import hyperalign as H
 import pipeline
+import rundir
 import runs
 import sample
 from config import RunConfig
@@ -31,8 +32,8 @@ def make_run(folder, model: str, preset: str, variant: str = "I", steps: int = 6
     with torch.no_grad():
         for p in ha.hypernet.decoder.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    runs.start(cfg.out, False, {"method": "hyperalign", "run": cfg.to_dict(), "hyper": ha.cfg.to_dict()})
-    runs.save(cfg.out, 0, ha.hypernet, torch.optim.AdamW(ha.hypernet.parameters()))
+    rundir.create(cfg.out, False, {"method": "hyperalign", "run": cfg.to_dict(), "hyper": ha.cfg.to_dict()})
+    rundir.save(cfg.out, 0, ha.hypernet, torch.optim.AdamW(ha.hypernet.parameters()))
     return cfg.out
 
 

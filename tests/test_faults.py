@@ -18,6 +18,7 @@ import baselines
 import config
 import evaluate
 import files
+import rundir
 import runs
 import sample
 import train
@@ -42,7 +43,7 @@ def digest(folder) -> dict:
 
 
 def same_weights(a, b) -> bool:
-    wa, wb = runs.load(str(a))[0], runs.load(str(b))[0]
+    wa, wb = rundir.load(str(a))[0], rundir.load(str(b))[0]
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -83,7 +84,7 @@ def test_kill_9_during_a_save_then_resume_equals_the_uninterrupted_run(reference
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == -9, r.stderr[-2000:]                                  # killed mid-save
     assert os.path.isfile(out / "ckpt-000004" / "weights.safetensors")           # the new step half written ...
-    assert runs.load(str(out))[2] == 2                                           # ... the pointer still at step 2
+    assert rundir.load(str(out))[2] == 2                                           # ... the pointer still at step 2
     train_tiny(out, reference, resume=True, steps=4, variant="P")
     assert same_weights(out, reference / "full")
     assert [json.loads(ln)["step"] for ln in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -114,7 +115,7 @@ def test_a_full_disk_at_each_write_in_turn_keeps_the_previous_checkpoint(referen
             failed, done = failed + 1, False
         monkeypatch.setattr(os, "fsync", real)
         assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
-        assert runs.load(str(out))[2] in (2, 4)                                  # a whole checkpoint, whichever
+        assert rundir.load(str(out))[2] in (2, 4)                                  # a whole checkpoint, whichever
         if done:
             break
         train_tiny(out, reference, resume=True, steps=4, variant="P")
@@ -130,19 +131,19 @@ def test_a_torn_or_edited_checkpoint_is_refused(reference, tmp_path):
         shutil.copytree(reference / "full", out)
         path = out / "ckpt-000004" / name
         path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
-        with pytest.raises(runs.RunError, match=f"ckpt-000004/{name} does not match checkpoint.json"):
-            runs.load(str(out))
+        with pytest.raises(rundir.RunError, match=f"ckpt-000004/{name} does not match checkpoint.json"):
+            rundir.load(str(out))
     out = tmp_path / "swapped"                                    # a whole set, but another run's file in it
     shutil.copytree(reference / "full", out)
     shutil.copy(reference / "half" / "ckpt-000002" / "optim.pt", out / "ckpt-000004" / "optim.pt")
-    with pytest.raises(runs.RunError, match="torn or edited"):
-        runs.load(str(out))
+    with pytest.raises(rundir.RunError, match="torn or edited"):
+        rundir.load(str(out))
 
 
 def test_exploding_weights_stop_with_the_last_finite_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="non-finite values at step .*last good checkpoint"):
         train_tiny(tmp_path / "r", tmp_path, steps=6, lr=1e30, save_every=1)
-    weights, _, step = runs.load(str(tmp_path / "r"))
+    weights, _, step = rundir.load(str(tmp_path / "r"))
     assert step < 6 and all(torch.isfinite(v).all() for v in weights.values())
 
 
@@ -155,16 +156,16 @@ def test_a_second_run_into_a_run_folder_is_refused_and_the_folder_unchanged(refe
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "already holds a run" in err[0] and "--resume" in err[0]
     assert digest(out) == before
-    with pytest.raises(runs.RunError, match="--resume and --overwrite"):
-        runs.prepare(str(out), True, True)
+    with pytest.raises(rundir.RunError, match="--resume and --overwrite"):
+        rundir.check_folder(str(out), True, True)
 
 
 def test_resume_with_changed_settings_is_refused_listing_them(reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference / "half", out)
-    with pytest.raises(runs.RunError, match=r"--lr 0.01 -> 0.5.*--seed 0 -> 3"):
+    with pytest.raises(rundir.RunError, match=r"--lr 0.01 -> 0.5.*--seed 0 -> 3"):
         train_tiny(out, reference, resume=True, steps=4, variant="P", lr=0.5, seed=3)
-    with pytest.raises(runs.RunError, match="global batch 2 -> 4"):
+    with pytest.raises(rundir.RunError, match="global batch 2 -> 4"):
         train_tiny(out, reference, resume=True, steps=4, variant="P", batch_size=4)
 
 

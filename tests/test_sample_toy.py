@@ -52,13 +52,13 @@ def test_hyper_run_supplies_model_steps_guidance_and_size(tmp_path, monkeypatch)
     """sample.py --hyper DIR: unless given, the model, steps, guidance and size are the run's (a toy run: 20 DDIM steps,
     CFG 5, 32 px)."""
     import hyperalign as H
-    import runs
+    import rundir
     from config import RunConfig
     cfg = RunConfig(out=str(tmp_path / "run"), sample_steps=3, guidance=4.0)
     pipe = pipeline.load(cfg.model)
     ha = H.HyperAlign(H.HyperConfig.preset("toy-sd"), pipe.backbone)
-    runs.start(cfg.out, False, {"method": "hyperalign", "run": cfg.to_dict(), "hyper": ha.cfg.to_dict()})
-    runs.save(cfg.out, 0, ha.hypernet, torch.optim.AdamW(ha.hypernet.parameters()))
+    rundir.create(cfg.out, False, {"method": "hyperalign", "run": cfg.to_dict(), "hyper": ha.cfg.to_dict()})
+    rundir.save(cfg.out, 0, ha.hypernet, torch.optim.AdamW(ha.hypernet.parameters()))
     seen = {}
     real = pipeline.load
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: seen.update(args=a) or real(*a, **k))

@@ -13,6 +13,7 @@ from tiny import pref_pairs, redness, run_cfg, tiny_pipe
 import config
 import prefs
 import losses
+import rundir
 import runs
 import scoring
 import train
@@ -24,7 +25,7 @@ def run(out, tmp_path, kind="vp", reward=redness, resume=False, **kw):
 
 
 def weights(out):
-    return runs.load(str(out))[0]
+    return rundir.load(str(out))[0]
 
 
 def test_short_run_raises_the_reward_and_writes_its_files(tmp_path):
@@ -59,7 +60,7 @@ def test_checkpoint_round_trip_and_resume_equality(tmp_path):
     full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
     cfg = json.load(open(tmp_path / "full" / "config.json"))
-    assert runs.load(str(tmp_path / "full"))[2] == 4 and cfg["hyper"]["variant"] == "P"
+    assert rundir.load(str(tmp_path / "full"))[2] == 4 and cfg["hyper"]["variant"] == "P"
     assert len(cfg["hyper"]["key_steps"]) >= 2 and cfg["hyper"]["key_of"] == 4
     assert [json.loads(ln)["step"] for ln in open(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3, 4]
     # round trip: the rebuilt HyperAlign makes the same LoRA weights
@@ -79,7 +80,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
     with pytest.raises(SystemExit, match="non-finite values at step 4.*last good checkpoint"):
         run(tmp_path / "r", tmp_path, steps=6, no_eval=True, reward=flaky)
-    assert runs.load(str(tmp_path / "r"))[2] == 2
+    assert rundir.load(str(tmp_path / "r"))[2] == 2
 
 
 @pytest.mark.parametrize("bad", [["--steps", "-1"], ["--variant", "X"], ["--batch-size", "0"], ["--lr", "-1"],

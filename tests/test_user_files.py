@@ -19,6 +19,7 @@ import config
 import evaluate
 import export_lora
 import losses
+import rundir
 import runs
 import sample
 import train
@@ -80,14 +81,14 @@ def test_overwrite_with_a_bad_input_leaves_the_old_run_whole(old_run, tmp_path, 
     before = digest(run)
     flags = [str(bad) if f == "BAD" else f for f in flags]
     exit_2(train.main, ["--out", str(run), "--overwrite", "--steps", "1", *flags], capsys, culprit)
-    assert digest(run) == before and runs.load(str(run))[2] == 2
+    assert digest(run) == before and rundir.load(str(run))[2] == 2
 
 
 def test_overwrite_replaces_a_run_of_ours(old_run, tmp_path):
     run = copy_of(old_run, tmp_path)
     runs.train("hyperalign", run_cfg(run, tmp_path, steps=1, no_eval=True), overwrite=True, pipe=tiny_pipe("vp"),
                reward=redness, prefs_reader=pref_pairs())
-    assert runs.load(str(run))[2] == 1 and not os.path.isdir(run / "ckpt-000002")
+    assert rundir.load(str(run))[2] == 1 and not os.path.isdir(run / "ckpt-000002")
 
 
 # ---------------------------------------------------------------------------------------------------------- locks
@@ -95,8 +96,8 @@ def test_overwrite_replaces_a_run_of_ours(old_run, tmp_path):
 HOLDER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import runs
-runs.claim(sys.argv[1], False, False)
+import rundir
+rundir.lock_folder(sys.argv[1], False, False)
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -109,7 +110,7 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_taken_over(tmp_path,
     holder = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(runs.RunError, match=rf"being written by another process \(PID {holder.pid}"):
+        with pytest.raises(rundir.RunError, match=rf"being written by another process \(PID {holder.pid}"):
             train_tiny(out, tmp_path, steps=1)
         assert not os.path.exists(out / "config.json")          # the second writer wrote nothing
     finally:
@@ -117,18 +118,18 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_taken_over(tmp_path,
         holder.wait()
     assert (out / ".lock").read_text().strip() == str(holder.pid)   # a stale lock file of a dead process ...
     train_tiny(out, tmp_path, steps=1)                               # ... holds no lock: the folder is taken over
-    assert runs.load(str(out))[2] == 1 and (out / ".lock").read_text().strip() == str(os.getpid())
+    assert rundir.load(str(out))[2] == 1 and (out / ".lock").read_text().strip() == str(os.getpid())
 
 
 def test_two_runs_into_one_new_folder_one_wins_and_the_other_writes_nothing(tmp_path):
     """Both pass the early check (the folder is new); the lock decides at the first write."""
     out = tmp_path / "run"
-    runs.prepare(str(out), False, False)                           # what the second process saw
+    rundir.check_folder(str(out), False, False)                           # what the second process saw
     train_tiny(out, tmp_path, steps=1)                             # the first one runs
-    runs.release(str(out))
-    with pytest.raises(runs.RunError, match="already holds a run"):
-        runs.start(str(out), False, {"method": "hyperalign"})     # the second is refused under the lock
-    assert runs.load(str(out))[2] == 1
+    rundir.unlock_folder(str(out))
+    with pytest.raises(rundir.RunError, match="already holds a run"):
+        rundir.create(str(out), False, {"method": "hyperalign"})     # the second is refused under the lock
+    assert rundir.load(str(out))[2] == 1
 
 
 # --------------------------------------------------------------------------------------------- scripts that write
@@ -189,9 +190,9 @@ def test_an_edited_config_json_is_refused(old_run, tmp_path, capsys):
     saved = json.loads((run / "config.json").read_text())
     saved["hyper"]["alpha"] = 40.0                              # ten times the LoRA scale, silently
     (run / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(runs.RunError, match="config.json does not match checkpoint.json"):
+    with pytest.raises(rundir.RunError, match="config.json does not match checkpoint.json"):
         runs.load_trained(str(run), tiny_pipe("vp").backbone)
-    with pytest.raises(runs.RunError, match="config.json does not match"):
+    with pytest.raises(rundir.RunError, match="config.json does not match"):
         train_tiny(run, old_run.parent, resume=True, steps=3)
 
 
@@ -213,7 +214,7 @@ def test_resuming_from_non_finite_weights_with_matching_digests_blames_the_file(
     pointer = json.loads((run / "checkpoint.json").read_text())
     pointer["sha256"]["weights.safetensors"] = hashlib.sha256(data).hexdigest()
     (run / "checkpoint.json").write_text(json.dumps(pointer))
-    with pytest.raises(runs.RunError, match="non-finite weights .*which no run of ours writes"):
+    with pytest.raises(rundir.RunError, match="non-finite weights .*which no run of ours writes"):
         train_tiny(run, old_run.parent, resume=True, steps=3)
 
 
@@ -234,10 +235,10 @@ def test_ctrl_c_ends_in_one_line_and_leaves_whole_files(tmp_path, capsys, monkey
                                          prefs_reader=pref_pairs()))
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("HyperAlign-I:")]  # tqdm
     assert code == 130 and len(err) == 1 and "step 2" in err[0] and "--resume" in err[0], err
-    assert runs.load(str(out))[2] == 2 and not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
+    assert rundir.load(str(out))[2] == 2 and not [f for _, _, fs in os.walk(out) for f in fs if ".tmp-" in f]
     monkeypatch.setattr(losses, "training_step", real)
     train_tiny(out, tmp_path, resume=True, steps=4)               # and it resumes
-    assert runs.load(str(out))[2] == 4
+    assert rundir.load(str(out))[2] == 4
 
 
 def test_ctrl_c_inside_a_write_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -1,11 +1,16 @@
 """The toy world's rewards, behind rewards.py's contract: reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,),
 differentiable in the images, frozen. Their names in `--reward` specs are the keys of REWARDS (config.REWARDS joins
-them to the real ones); the path is optional: the shipped model.
+them to the real ones); the path is optional: the shipped model. Each one's accuracy on hard pairs (positions or
+colours exchanged, an object missing, a relation flipped, ...) is docs/results.md's composition table.
 
-    toy-clip   CLIP score with the toy CLIP: a bag of words, deliberately hackable
-    toy-pref   an HPS-like preference head on the toy CLIP, trained on the toy preference pairs: sees quality
-    toy-ir     the toy ImageReward (imagereward.py's architecture at toy size): sees composition (binding, relations,
-               counts, missing objects); loaded by the same code as the real ImageReward
+    toy-comp   the toy CLIP fine-tuned on preference pairs from the renderer, as HPS v2 fine-tunes CLIP: sees
+               positions, bindings, counts and attributes (>= 98% on every kind of hard pair) and quality;
+               the toy default
+    toy-clip   CLIP score with the toy CLIP (trained with hard negatives in toy world v2, so it sees composition too)
+    toy-pref   an HPS-like head on the toy CLIP, trained on the toy preference pairs: sees quality
+    toy-ir     the toy ImageReward (imagereward.py's architecture at toy size), loaded by the same code as the real
+               ImageReward: sees counts, missing objects and attributes, and is at chance on positions and on
+               binding swaps (a generic matcher at this size did not learn them from the same hard negatives)
 """
 from __future__ import annotations
 

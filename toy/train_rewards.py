@@ -1,11 +1,14 @@
 """Training the toy world's reward models (`python -m toy build`):
 
   stage prefs   the HPS-like preference head on the frozen toy CLIP, Bradley-Terry on the toy preference pairs (as HPS
-                is trained on HPD's): it sees quality (blur, noise, colour casts, blotches) and missing objects, not
-                composition (relation and binding swaps: 44%)
+                is trained on HPD's): it sees quality (blur, noise, colour casts, blotches) and missing objects
   stage ir      the toy ImageReward: ImageReward's own architecture (a BLIP image-text matcher + its MLP, imagereward.py)
                 at toy size, trained from scratch on renders against hard negatives (binding swaps, relation flips,
-                wrong counts, missing objects, wrong attributes): the reward that sees composition
+                wrong counts, missing objects, wrong attributes): it learned counts, missing objects and attributes,
+                not relations or binding swaps (chance: docs/results.md's composition table)
+  stage comp    toy-comp: the toy CLIP fine-tuned on preference pairs from the renderer (the true render against the
+                same layout with positions or colours exchanged, an object missing, a degraded render; the true caption
+                against hard-negative captions), as HPS v2 is CLIP fine-tuned on human preferences
 """
 from __future__ import annotations
 

@@ -1,0 +1,320 @@
+"""The toy protocol behind `python evaluate.py` (docs/results.md): its rows, how each is trained and scored, and the
+settings search on 'val'.
+
+  * settings: train.py's and baselines.py's defaults, chosen on the 'val' split, never on a reported one (`search`);
+    every trained row trains for the same number of steps;
+  * every trained row is trained once per training seed (default 0, 1, 2), each seed its own run folder;
+  * every row is scored on every 'unseen' prompt x sample seeds (default 4) and every 'heldout' prompt x 1, from the
+    same x_T for every row, so that rows are compared sample by sample;
+  * one JSON per row (docs/results/MODEL/ROW.json): the figures of every training seed. `python results.py` turns
+    them into the tables (mean and 95% t-interval over training seeds).
+
+Rows: base; HyperAlign-S / -I / -P; the static LoRA (the same loss and training step: DRaFT-1-like); Best-of-N; plain
+gradient guidance (FreeDoM-like, no time travel); Direct-Align + SRPO's relative reward (toy FLUX); on toy SD the
+loss ablation (L_R only, L_G only) and reward hacking (the toy-clip reward with and without L_G); and the adaptivity
+ablation: HyperAlign-S / -I's own runs with every generated LoRA replaced by their mean (diagnostics.Averaged), which
+keeps what the hypernetwork learned and removes only its dependence on the input. Columns: every reward, the judge
+(overall and per attribute), saturation, diversity, adaptivity, seconds per image.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+import config
+import diagnostics
+import files
+import methods
+import rundir
+import runs
+import scoring
+from config import RunConfig
+from toy import judge as toy_judge
+from toy import world
+
+
+@dataclass
+class Protocol:
+    """Where the protocol writes and how much it samples (evaluate.py's flags)."""
+    out: str = "runs/table"                    # run folders of the trained rows (reused when finished)
+    results: str = "docs/results"              # the JSON of every row, search.json, budget.json
+    train_seeds: tuple[int, ...] = (0, 1, 2)
+    sample_seeds: int = 4                      # samples per 'unseen' prompt
+    heldout_seeds: int = 1                     # samples per 'heldout' prompt (0: skip the set)
+    n_prompts: int | None = None               # prompts per set (None: all)
+    search_part: tuple[int, int] = (0, 1)      # K/N: this process's share of the search grid
+    budget: tuple[int, ...] = ()               # step counts of --budget
+
+
+SCORE = "toy-comp,toy-ir,toy-pref,toy-clip"   # the reward columns of the toy tables (the first trains every row)
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str                                  # "base", "hyperalign", "static", "best-of-n", "guidance", "averaged"
+    over: dict = field(default_factory=dict)   # RunConfig settings over the defaults (trained rows)
+    models: tuple[str, ...] = ("toy-sd", "toy-flux")
+    of: str = ""                               # "averaged": the slug of the HyperAlign row whose runs it averages
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+
+
+ROWS = [
+    Row("base", "base"),
+    Row("HyperAlign-S", "hyperalign", {"variant": "S"}),
+    Row("HyperAlign-I", "hyperalign", {"variant": "I"}),
+    Row("HyperAlign-P", "hyperalign", {"variant": "P"}),
+    Row("static LoRA", "static", config.STATIC),
+    Row("Best-of-8", "best-of-n", {"n": 8}),
+    Row("guidance", "guidance", {"rho": config.GUIDANCE_RHO}),
+    Row("Direct-Align + SRPO reward", "static", {"reward_mode": "direct-align", "reward_from": 0.0, "lambda_reg": 0.0,
+                                                "reward": "rel-toy-comp"}, ("toy-flux",)),
+    Row("ablation: L_R only (λ = 0)", "hyperalign", {"lambda_reg": 0.0}, ("toy-sd",)),
+    Row("ablation: L_G only", "hyperalign", {"reward": "toy-comp=0"}, ("toy-sd",)),
+    Row("toy-clip reward, no L_G", "hyperalign", {"reward": "toy-clip", "lambda_reg": 0.0}, ("toy-sd",)),
+    Row("toy-clip reward, with L_G", "hyperalign", {"reward": "toy-clip"}, ("toy-sd",)),
+    Row("HyperAlign-S, LoRA averaged", "averaged", {"variant": "S"}, of="hyperalign-s"),
+    Row("HyperAlign-I, LoRA averaged", "averaged", {"variant": "I"}, of="hyperalign-i"),
+]
+PROBE = (64, (1000, 1001))                    # "averaged": the LoRAs of the first 64 training prompts x these seeds
+
+
+# ------------------------------------------------------------------------------------------------------------- rows
+
+def sample_with(pipe, make_model: Callable) -> Callable:
+    """A generator for a model-callable factory `make_model(cond)` (a fresh one per batch: HyperAlign keeps state)."""
+    def generate(prompts, x_T, seed):
+        cond, uncond = pipe.conds(prompts)
+        return pipe.decode(pipe.rollout(make_model(cond), x_T, cond, uncond, trajectory=False))
+    return generate
+
+
+def best_of_n_gen(pipe, reward, n: int) -> Callable:
+    """Candidate 0 is the row's own x_T (so BoN is never worse than base on the reward); the others from seed."""
+    def generate(prompts, x_T, seed):
+        g = torch.Generator().manual_seed(1_000_000 + seed)
+        xs = torch.stack([x_T] + [pipe.noise(len(prompts), g) for _ in range(n - 1)])
+        return methods.best_of_n(pipe, reward, prompts, xs)[0]
+    return generate
+
+
+def guidance_gen(pipe, reward, rho: float) -> Callable:
+    return lambda prompts, x_T, seed: pipe.decode(methods.guidance_sample(pipe, reward, prompts, x_T, rho))
+
+
+def trained(kind: str, cfg: RunConfig, **given):
+    """Train a run (runs.train) unless cfg.out already holds it finished with these settings; then load it."""
+    done = False
+    if os.path.isfile(os.path.join(cfg.out, rundir.POINTER)):
+        try:
+            rundir.check_resume(cfg.out, cfg, kind)
+            done = rundir.load(cfg.out)[2] == cfg.steps
+        except ValueError:
+            done = False
+    t0 = time.time()
+    if not done:
+        runs.train(kind, cfg, overwrite=True, **given)
+    return runs.load_trained(cfg.out, given["pipe"].backbone)[0], time.time() - t0
+
+
+# -------------------------------------------------------------------------------------------------------- protocol
+
+class Rewards:
+    """Reward models by spec, loaded once."""
+    def __init__(self):
+        self.cache = {}
+
+    def __call__(self, spec: str):
+        if spec not in self.cache:
+            self.cache[spec] = config.load_reward(spec)
+        return self.cache[spec]
+
+
+def score_row(generate: Callable, pipe, p: "Protocol", score, embed, desc: str) -> dict:
+    """A row's figures on the protocol's sets: every 'unseen' prompt x sample seeds, every 'heldout' prompt x 1."""
+    out = {}
+    for split, seeds in (("unseen", p.sample_seeds), ("heldout", p.heldout_seeds)):
+        if seeds:
+            ps = world.eval_prompts(split, p.n_prompts)
+            out[split] = scoring.measure(generate, pipe, ps, list(range(seeds)), score, toy_judge.judge, embed,
+                                         desc=f"{desc} {split}")[0]
+    return out
+
+
+def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict:
+    """Train (every training seed) and score one row; -> the JSON that results.py reads."""
+    score = rewards(SCORE)
+    embed = scoring.clip_embedder(score)
+    base_cfg = RunConfig.from_preset(model, out="", no_eval=True, save_every=10_000,
+                                     threads=torch.get_num_threads())
+    record = {"model": model, "row": row.name, "kind": row.kind, "protocol": {
+        "unseen": f"{len(world.eval_prompts('unseen', p.n_prompts))} prompts x {p.sample_seeds} sample seeds",
+        "heldout": f"{len(world.eval_prompts('heldout', p.n_prompts))} prompts x {p.heldout_seeds}",
+        "score": SCORE}, "seeds": {}}
+    if row.kind in ("base", "best-of-n", "guidance"):                       # nothing trained: one entry
+        train_reward = rewards(base_cfg.reward)
+        generate = {"base": lambda: sample_with(pipe, lambda c: pipe.backbone),
+                    "best-of-n": lambda: best_of_n_gen(pipe, train_reward, row.over.get("n", 8)),
+                    "guidance": lambda: guidance_gen(pipe, train_reward, row.over.get("rho", 1.0))}[row.kind]()
+        record["settings"] = {"reward": base_cfg.reward, **row.over}
+        record["seeds"]["-"] = score_row(generate, pipe, p, score, embed, row.name)
+        return record
+    for seed in p.train_seeds:
+        cfg = replace(base_cfg, **row.over, seed=seed, out=os.path.join(p.out, model, f"{row.of or row.slug}-s{seed}"))
+        given = dict(pipe=pipe, reward=rewards(cfg.reward),
+                     prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
+        method, train_s = trained("hyperalign" if row.kind == "averaged" else row.kind, cfg, **given)
+        record["settings"] = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
+        if row.kind == "averaged":
+            n, probe_seeds = PROBE
+            method = diagnostics.Averaged(method, pipe, config.read_prompts(cfg.prompts)[:n], list(probe_seeds))
+            record["settings"]["averaged_over"] = f"{cfg.prompts}[:{n}] x seeds {list(probe_seeds)}"
+        figures = score_row(sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, p, score, embed,
+                            f"{row.name} s{seed}")
+        if row.kind != "averaged":
+            figures["adaptivity"] = runs.adaptivity(method, pipe, world.eval_prompts("unseen", None))
+            figures["train_s"] = round(train_s, 1)
+        record["seeds"][str(seed)] = figures
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------- search
+
+# Toy world v2's search, in two stages (the grids: where L_R is taken, then the learning rate). History: v1's searches
+# (search-first.json, search-clamped.json) preferred one-step L_R to direct-align in 7 of 8 pairs and λ = 1 to λ = 3 in
+# 6 of 8; λ stays 1. v1's reward could not see positions, and L_R from the later half only (reward_from 0.5) was taken
+# after the layout is fixed: v2 searches it.
+SEARCH_WHERE = [("one-step", 0.0), ("one-step", 0.25), ("one-step", 0.5), ("direct-align", 0.0)]
+SEARCH_LR = [3e-5, 1e-4, 3e-4, 1e-3]
+
+
+class Val:
+    """What the search and --budget train and score on: the toy SD pipeline, the score rewards, the 'val' prompts,
+    the reward the settings are chosen by (the training reward) and the base run config (no evaluation, one final
+    checkpoint)."""
+    def __init__(self, rewards: Rewards):
+        self.rewards, self.pipe = rewards, config.load_pipeline(RunConfig.from_preset("toy-sd"))
+        self.score, self.val, self.key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
+        self.base_cfg = RunConfig.from_preset("toy-sd", no_eval=True, save_every=10_000,
+                                              threads=torch.get_num_threads())
+
+
+def on_val(kind: str, cfg: RunConfig, v: Val) -> dict:
+    """A run trained (or reused, `trained`) with `cfg`, scored on every 'val' prompt x 2 samples (kept in the run
+    folder's val.json): its "method" row name, val "reward" and "judge", and for HyperAlign its "adaptivity" at x_T
+    over 16 'val' prompts x 4 seeds (0 for the static LoRA)."""
+    given = dict(pipe=v.pipe, reward=v.rewards(cfg.reward),
+                 prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
+    method, _ = trained(kind, cfg, **given)
+    m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
+        sample_with(v.pipe, lambda c: method.sampler_model(c, v.pipe.steps)), v.pipe, v.val, [0, 1], v.score,
+        toy_judge.judge, desc=f"val {kind}")[0])
+    return {"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "reward": m[v.key],
+            "judge": m["judge/overall"], "position": m["judge/position"], "binding": m["judge/binding"],
+            "adaptivity": runs.adaptivity(method, v.pipe, v.val)["x_T"] if kind == "hyperalign" else 0.0}
+
+
+def scored_once(path: str, measure: Callable[[], dict]) -> dict:
+    """A search setting's val scores: read from `path` if that setting was scored before, else measured and kept."""
+    if os.path.isfile(path):
+        return files.read_json(path, "search score")
+    m = measure()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_json(path, {k: v for k, v in m.items() if not isinstance(v, (list, dict))})
+    return m
+
+
+def search(p: "Protocol", rewards: Rewards) -> dict:
+    """The settings of the tables, chosen on the 'val' split (never on a reported one), training seed 0, each setting
+    scored on every 'val' prompt x 2 samples (and each HyperAlign run's adaptivity at x_T, recorded, not used):
+
+      1. where L_R is taken (SEARCH_WHERE: one-step from 0, 0.25 or 0.5 of the way, or direct-align from 0), for
+         HyperAlign-I and the static LoRA at their present learning rates; chosen by HyperAlign-I's;
+      2. the learning rate (SEARCH_LR) of each method at that setting;
+    per choice the highest val reward among the settings whose val judge is not below the base model's (all
+    settings, if none); guidance's step ρ the same way. -> search.json. With --search-part K/N, processes train and
+    score disjoint parts of the grid that can be run now (stage 2 once stage 1 is scored) and return."""
+    v = Val(rewards)
+    pipe, score, val, key, base_cfg = v.pipe, v.score, v.val, v.key, v.base_cfg
+    base = scoring.measure(sample_with(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
+                           desc="val base")[0]
+    lrs = {"hyperalign": base_cfg.lr, "static": config.STATIC["lr"]}
+    part, parts = p.search_part
+
+    def folder(kind, mode, frm, lr):
+        return os.path.join(p.out, "search", f"{kind}-{mode}-{frm:g}-{lr:g}")
+
+    def best(rows):
+        return max([r for r in rows if r["judge"] >= base["judge/overall"]] or rows, key=lambda r: r["reward"])
+
+    grid1 = [(kind, mode, frm, lrs[kind]) for kind in lrs for mode, frm in SEARCH_WHERE]
+    done1 = all(os.path.isfile(os.path.join(folder(*g), "val.json")) for g in grid1)
+    out, todo = [], list(grid1)
+    if done1 or parts == 1:
+        rows1 = [dict(on_val(g[0], replace(base_cfg, reward_mode=g[1], reward_from=g[2], lr=g[3], out=folder(*g)), v),
+                      setting={"reward_mode": g[1], "reward_from": g[2], "lr": g[3]}) for g in grid1]
+        mode, frm = (lambda r: (r["setting"]["reward_mode"], r["setting"]["reward_from"]))(
+            best([r for r in rows1 if r["method"] == "HyperAlign-I"]))
+        todo = [(kind, mode, frm, lr) for kind in lrs for lr in SEARCH_LR]
+    for i, (kind, mode, frm, lr) in enumerate(todo):
+        if parts > 1 and i % parts != part:
+            continue
+        over = dict(reward_mode=mode, reward_from=frm, lr=lr)
+        fig = on_val(kind, replace(base_cfg, **over, out=folder(kind, mode, frm, lr)), v)
+        out.append({"method": fig.pop("method"), "setting": over, **fig})
+        print(out[-1], flush=True)
+    if parts > 1:
+        return {"chosen": f"part {part} of {parts} of stage {2 if done1 else 1} done; run again (stage 2), then "
+                          "--search without --search-part to choose"}
+    for r in rows1:
+        r["stage"] = 1
+    for r in out:
+        r["stage"] = 2
+    found = {"where": {"reward_mode": mode, "reward_from": frm}}
+    for method in ("HyperAlign-I", "static LoRA"):
+        pick = best([r for r in out if r["method"] == method])
+        pick["chosen"] = True
+        found[method] = pick["setting"]
+    guidance = []
+    for rho in (0.3, 1.0, 3.0):
+        m = scored_once(os.path.join(p.out, "search", f"guidance-{rho:g}", "val.json"), lambda: scoring.measure(
+            guidance_gen(pipe, rewards(base_cfg.reward), rho), pipe, val, [0], score, toy_judge.judge,
+            desc=f"val guidance {rho}")[0])
+        guidance.append({"method": "guidance", "setting": {"rho": rho}, "reward": m[key], "judge": m["judge/overall"],
+                         "position": m["judge/position"], "binding": m["judge/binding"], "stage": 2})
+    pick = best(guidance)
+    pick["chosen"] = True
+    found["guidance"] = pick["setting"]
+    record = {"split": f"val: {len(val)} prompts x 2 samples (guidance x 1), training seed 0",
+              "reward": key.split("/")[1], "base": {"reward": base[key], "judge": base["judge/overall"],
+                                                    "position": base["judge/position"],
+                                                    "binding": base["judge/binding"]},
+              "runs": rows1 + out + guidance, "chosen": found}
+    os.makedirs(p.results, exist_ok=True)
+    files.write_json(os.path.join(p.results, "search.json"), record)
+    return record
+
+
+def budget(p: "Protocol", rewards: Rewards) -> dict:
+    """Does HyperAlign's LoRA adapt more with a longer budget? HyperAlign-I and the static LoRA at their chosen settings
+    (training seed 0), trained for every --budget step count, each scored on every 'val' prompt x 2 samples as in the
+    search, with the adaptivity at x_T. -> budget.json."""
+    v, out = Val(rewards), []
+    for steps in p.budget:
+        for kind, over in (("hyperalign", {}), ("static", config.STATIC)):
+            cfg = replace(v.base_cfg, **over, steps=steps, out=os.path.join(p.out, "budget", f"{kind}-{steps}"))
+            fig = on_val(kind, cfg, v)
+            out.append({"method": fig.pop("method"), "steps": steps, "lr": cfg.lr, **fig})
+            print(out[-1], flush=True)
+    record = {"split": f"val: {len(v.val)} prompts x 2 samples, training seed 0", "reward": v.key.split("/")[1],
+              "runs": out}
+    files.write_json(os.path.join(p.results, "budget.json"), record)
+    return record
