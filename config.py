@@ -1,9 +1,10 @@
 """One run configuration: every setting of a training run (train.py, baselines.py), with named presets, one argparse
 builder, and the few functions that turn settings into objects (prompts, reward, preference data).
 
-    cfg = config.parse(argv)                    preset (--preset, default toy-sd) + the flags given, checked
+    cfg, resume, overwrite = config.parse(argv)  preset (--preset, default toy-sd) + the flags given, checked
     cfg = config.RunConfig.from_preset("toy-flux", steps=300)
-    pipe = config.load_pipeline(cfg); reward = config.load_reward(cfg); ...
+    pipe = config.load_pipeline(cfg); reward = config.load_reward(cfg.reward); prompts = config.read_prompts(cfg.prompts)
+    code = config.cli(lambda: ...)              how every script ends: bad input one line and exit 2, Ctrl-C exit 130
 
 The whole RunConfig is saved in every run's config.json, so a run can be rebuilt, resumed and compared exactly.
 Presets: toy-sd / toy-flux (the shipped toy world, runs on a CPU in minutes) and sd15 / flux-dev (real checkpoints
@@ -22,11 +23,11 @@ import torch
 
 import imagereward
 import rewards
+from hyperalign import VARIANTS
 from toy import rewards as toy_rewards
 from toy import world
 
 PRESET_NAMES = ("toy-sd", "toy-flux", "sd15", "flux-dev")
-VARIANTS = ("S", "I", "P")
 REWARD_MODES = ("one-step", "direct-align")
 DTYPES = ("float32", "bfloat16", "float16")
 # every reward a spec may name: the real ones and the toy world's (an explicit table; nothing registers on import)
@@ -59,7 +60,9 @@ class RunConfig:
     variant: str = field(default="I", metadata={"help": "S: LoRA every step, I: once from x_T, P: at key steps",
                                                 "choices": VARIANTS})
     hyper: str = field(default="toy-sd", metadata={"help": "hypernetwork size preset (hyperalign.PRESETS)"})
-    rank: int | None = field(default=None, metadata={"help": "LoRA rank R (default: the hypernetwork preset's)"})
+    rank: int | None = field(default=None, metadata={"help": "LoRA rank R (default: the hypernetwork preset's); "
+                                                             "HyperAlign's generated LoRA has rank 2R, the static "
+                                                             "LoRA rank R"})
     key_steps: int = field(default=3, metadata={"help": "P: curvature key steps K (plus step 0)"})
     # ---- training
     steps: int = field(default=150, metadata={"help": "training steps"})
@@ -217,9 +220,17 @@ def parse(argv=None, description: str = "", exclude: tuple[str, ...] = (), **def
 # ------------------------------------------------------------------------------------------- settings -> objects
 
 def read_prompts(spec: str) -> list[str]:
-    """'toy:SPLIT' (toy/world.py's splits) or a text file with one prompt per line (blank lines skipped)."""
+    """'toy:SPLIT' (toy/world.py's splits), 'toy:SPLIT@GROUPING=VALUE' (the split's prompts of one group, e.g.
+    toy:hyper-train@relation=left of: world.group) or a text file with one prompt per line (blank lines skipped)."""
     if spec.startswith("toy:"):
-        return world.prompts(spec[len("toy:"):])
+        split, _, grp = spec[len("toy:"):].partition("@")
+        ps = world.prompts(split)
+        if grp:
+            grouping, _, value = grp.partition("=")
+            ps = [p for p in ps if world.group(p, grouping) == value]
+            if not ps:
+                raise ValueError(f"--prompts {spec}: no prompt of {split} in that group")
+        return ps
     if not os.path.isfile(spec):
         raise ValueError(f"no such prompt file: {spec}")
     try:
@@ -268,7 +279,9 @@ def load_pipeline(cfg: RunConfig, device=None):
 
 
 def hyper_config(cfg: RunConfig):
-    """The hypernetwork's (or static LoRA's) architecture: the --hyper preset with --variant and --rank."""
+    """The hypernetwork's (or static LoRA's) architecture: the --hyper preset with --variant and --rank. A --rank R
+    also sets alpha = R, so that the LoRA scale s = alpha / R stays 1 (the presets' own choice). NOTE: HyperAlign's
+    generated LoRA has rank 2R at --rank R (hyperalign.HyperNet: [B − B⁰, B⁰]); the static LoRA has rank R."""
     import hyperalign
     over = {"variant": cfg.variant, **({"rank": cfg.rank, "alpha": float(cfg.rank)} if cfg.rank else {})}
     return hyperalign.HyperConfig.preset(cfg.hyper, **over)

@@ -9,7 +9,8 @@ holds the LoRA of steps 0 to 5). The safetensors metadata holds the prompt, seed
 steps covered and the base model.
 
 Formats (--format):
-  kohya      SD1.5: `lora_unet_<diffusers module path>.lora_down.weight` (R, I), `.lora_up.weight` (O, R), `.alpha`:
+  kohya      SD1.5: `lora_unet_<diffusers module path>.lora_down.weight` (2R, I), `.lora_up.weight` (O, 2R), `.alpha`
+             (HyperAlign's LoRA has rank 2R at --rank R: hyperalign.HyperNet):
              what diffusers' `load_lora_weights` and ComfyUI's LoRA loader read. FLUX: the same layout with BFL module
              names (the fused `img_attn.qkv` kept whole), as sd-scripts writes FLUX LoRAs.
   diffusers  FLUX only: `transformer.<diffusers module path>.lora_A.weight` / `.lora_B.weight`, the fused BFL q|k|v

@@ -171,13 +171,9 @@ class HyperNet(nn.Module):
     static LoRA beside it. As LoRA factors this is one rank-2R LoRA: [B − B⁰, B⁰] · [M A ; M A − M⁰ A⁰].
     NOTE: the paper's head "maps decoded features to LoRA weights"; emitting full (O + I) x R factors per layer would
     need a head of ~10^8 parameters for SD1.5, so, like a third-party replication, we factor the LoRA through learned
-    per-target matrices and generate the small core. Why subtract the initial value instead of zeroing a factor: a
-    product with a zero-initialised factor gives every other factor a zero gradient at the start. Our first design
-    (B zero-initialised) kept the decoder from learning and left the LoRA static (PCA of Δθ over inputs: first
-    component 99.8%); the second (M = decoder − decoder₀, so M = 0) kept A and B still until M had grown. Here the
-    decoder, A and B all get a gradient at the first step. The frozen copies cost one more decoder forward, small
-    beside the perception encoder. The head starts small (HEAD_GAIN): with O(1) cores this design could not learn
-    even two opposite LoRAs for two prompts. Chosen on val (docs/results/search.json): lr 1e-4.
+    per-target matrices and generate the small core. Subtracting the initial value (rather than zeroing a factor)
+    gives the decoder, A and B a gradient at the first step; the cost is one more decoder forward. Why each choice
+    (and what the earlier designs did): tutorial.md, "Departures".
     """
     def __init__(self, cfg: HyperConfig, targets: list[lora.Target], level_dims: list[int], text_dim: int,
                  emb_dim: int):
@@ -295,13 +291,12 @@ class Modulated:
         self.n = (cond["txt"] if isinstance(cond, dict) else cond).shape[0]
         if fast is not None and self.n != 1:
             raise ValueError(f"the fast path samples one image at a time (its LoRA in static buffers), got {self.n}")
-        self.step, self.calls, self._weights = 0, 0, None
+        self.step, self._weights = 0, None
         self.keep, self.made = False, []          # keep=True: every LoRA made, [(step, factors)] (export_lora.py)
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         if lora_step(self.variant, self.step, self.key_steps) == self.step:
-            self.calls += 1
             if self.fast is not None:                     # the perception encoder is the frozen model: base weights
                 self.fast.weights.reset()
             factors = self.ha.factors(x_t[:self.n], t[:self.n], self.cond)

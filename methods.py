@@ -74,6 +74,26 @@ class StaticLoRA(nn.Module):
         return lambda x_t, t, c: self.backbone.forward(params, x_t, t, c)
 
 
+class Oracle:
+    """One static LoRA per prompt group, each sample's picked by an oracle that reads its prompt (world.group): the
+    most that adapting to the prompt *by group* can add over one shared LoRA. Each group's LoRA is a StaticLoRA
+    trained on that group's prompts; a batch of mixed groups runs every sample with its own (lora.prepare)."""
+
+    def __init__(self, loras: dict, group: Callable[[str], str], backbone: Backbone):
+        self.loras, self.group, self.backbone = loras, group, backbone
+        self.cfg = next(iter(loras.values())).cfg
+
+    def sampler_model(self, cond, steps: int | None = None, prompts: list[str] | None = None) -> Callable:
+        if prompts is None:
+            raise ValueError("the oracle reads the prompts: sampler_model(cond, steps, prompts)")
+        with torch.no_grad():
+            each = [self.loras[self.group(p)]() for p in prompts]
+            factors = {n: (torch.stack([f[n][0] for f in each]), torch.stack([f[n][1] for f in each]))
+                       for n in each[0]}
+            weights = lora.prepare(self.backbone.model, factors, self.cfg.scale)
+        return lambda x_t, t, c: self.backbone.forward(weights, x_t, t, c)
+
+
 # -------------------------------------------------------------------------------------------------- test-time methods
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ Shape alphabet: B batch, C latent channels, H W latent size, L packed tokens, S 
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -276,7 +275,3 @@ def load(path: str, device="cpu", dtype: torch.dtype = torch.float32, height: in
     return Pipeline(backbone, vae, text, height or size, width or height or size, steps, guidance, shift)
 
 
-def describe(pipe: Pipeline) -> str:
-    """One line for logs: the model kind, size, sampler settings."""
-    return json.dumps({"kind": pipe.kind, "size": [pipe.height, pipe.width], "steps": pipe.steps,
-                       "guidance": pipe.guidance, "shift": pipe.shift, "dtype": str(pipe.backbone.dtype)})

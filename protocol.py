@@ -83,8 +83,16 @@ ROWS = [
     Row("toy-clip reward, with L_G", "hyperalign", {"reward": "toy-clip"}, ("toy-sd",)),
     Row("HyperAlign-S, LoRA averaged", "averaged", {"variant": "S"}, of="hyperalign-s"),
     Row("HyperAlign-I, LoRA averaged", "averaged", {"variant": "I"}, of="hyperalign-i"),
+    # can adapting pay? one static LoRA per prompt group, picked by an oracle reading the prompt (methods.Oracle)
+    Row("oracle: a LoRA per relation", "oracle", {**config.STATIC, "group": "relation"}, ("toy-sd",)),
+    Row("oracle: a LoRA per shape set", "oracle", {**config.STATIC, "group": "shapes"}, ("toy-sd",)),
+    # ... at other ranks (HyperAlign's generated LoRA has rank 2R at --rank R: the static LoRA at R and at 2R)
+    *[Row(f"static LoRA, rank {r}", "static", {**config.STATIC, "rank": r}, ("toy-sd",)) for r in (1, 2, 8, 16, 32)],
+    *[Row(f"oracle: a LoRA per relation, rank {r}", "oracle", {**config.STATIC, "group": "relation", "rank": r},
+          ("toy-sd",)) for r in (1, 16)],
+    *[Row(f"HyperAlign-I, rank {r}", "hyperalign", {"variant": "I", "rank": r}, ("toy-sd",)) for r in (1, 16)],
 ]
-PROBE = (64, (1000, 1001))                    # "averaged": the LoRAs of the first 64 training prompts x these seeds
+PROBE = (64, (1000, 1001))     # "averaged": the LoRAs of 64 'unseen' prompts (a fixed random sample) x these seeds
 
 
 # ------------------------------------------------------------------------------------------------------------- rows
@@ -95,6 +103,30 @@ def sample_with(pipe, make_model: Callable) -> Callable:
         cond, uncond = pipe.conds(prompts)
         return pipe.decode(pipe.rollout(make_model(cond), x_T, cond, uncond, trajectory=False))
     return generate
+
+
+def oracle_gen(pipe, oracle) -> Callable:
+    """A generator for methods.Oracle: each sample with its prompt group's LoRA."""
+    def generate(prompts, x_T, seed):
+        cond, uncond = pipe.conds(prompts)
+        return pipe.decode(pipe.rollout(oracle.sampler_model(cond, pipe.steps, prompts), x_T, cond, uncond,
+                                        trajectory=False))
+    return generate
+
+
+def oracle(row: Row, cfg: RunConfig, pipe, rewards: "Rewards"):
+    """Train (or reuse) one static LoRA per group of cfg.prompts (row.over["group"]), each on its group's prompts for
+    its share of cfg.steps (the group's share of the prompts: together the budget of one shared LoRA, and every
+    prompt seen as often as by it); -> (methods.Oracle, seconds)."""
+    grouping, prompts, loras, t0 = row.over["group"], config.read_prompts(cfg.prompts), {}, time.time()
+    for value in sorted({world.group(q, grouping) for q in prompts}):
+        share = sum(world.group(q, grouping) == value for q in prompts) / len(prompts)
+        gcfg = replace(cfg, prompts=f"{cfg.prompts}@{grouping}={value}", steps=max(1, round(cfg.steps * share)),
+                       out=os.path.join(cfg.out, re.sub(r"[^a-z0-9+]+", "-", value)))
+        given = dict(pipe=pipe, reward=rewards(gcfg.reward),
+                     prefs_reader=config.load_prefs(gcfg, config.read_prompts(gcfg.prompts), []))
+        loras[value] = trained("static", gcfg, **given)[0]
+    return methods.Oracle(loras, lambda q: world.group(q, grouping), pipe.backbone), time.time() - t0
 
 
 def best_of_n_gen(pipe, reward, n: int) -> Callable:
@@ -167,19 +199,26 @@ def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict
         record["settings"] = {"reward": base_cfg.reward, **row.over}
         record["seeds"]["-"] = score_row(generate, pipe, p, score, embed, row.name)
         return record
+    over = {k: v for k, v in row.over.items() if k != "group"}
     for seed in p.train_seeds:
-        cfg = replace(base_cfg, **row.over, seed=seed, out=os.path.join(p.out, model, f"{row.of or row.slug}-s{seed}"))
-        given = dict(pipe=pipe, reward=rewards(cfg.reward),
-                     prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
-        method, train_s = trained("hyperalign" if row.kind == "averaged" else row.kind, cfg, **given)
+        cfg = replace(base_cfg, **over, seed=seed, out=os.path.join(p.out, model, f"{row.of or row.slug}-s{seed}"))
         record["settings"] = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
-        if row.kind == "averaged":
-            n, probe_seeds = PROBE
-            method = diagnostics.Averaged(method, pipe, config.read_prompts(cfg.prompts)[:n], list(probe_seeds))
-            record["settings"]["averaged_over"] = f"{cfg.prompts}[:{n}] x seeds {list(probe_seeds)}"
-        figures = score_row(sample_with(pipe, lambda c: method.sampler_model(c, pipe.steps)), pipe, p, score, embed,
-                            f"{row.name} s{seed}")
-        if row.kind != "averaged":
+        if row.kind == "oracle":
+            method, train_s = oracle(row, cfg, pipe, rewards)
+            record["settings"]["group"] = row.over["group"]
+            generate = oracle_gen(pipe, method)
+        else:
+            given = dict(pipe=pipe, reward=rewards(cfg.reward),
+                         prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
+            method, train_s = trained("hyperalign" if row.kind == "averaged" else row.kind, cfg, **given)
+            if row.kind == "averaged":
+                n, probe_seeds = PROBE
+                probe = world.eval_prompts("unseen", n, seed=7)
+                method = diagnostics.Averaged(method, pipe, probe, list(probe_seeds))
+                record["settings"]["averaged_over"] = f"{n} 'unseen' prompts (random) x seeds {list(probe_seeds)}"
+            generate = sample_with(pipe, lambda c, m=method: m.sampler_model(c, pipe.steps))
+        figures = score_row(generate, pipe, p, score, embed, f"{row.name} s{seed}")
+        if row.kind not in ("averaged", "oracle"):
             figures["adaptivity"] = runs.adaptivity(method, pipe, world.eval_prompts("unseen", None))
             figures["train_s"] = round(train_s, 1)
         record["seeds"][str(seed)] = figures

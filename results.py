@@ -69,8 +69,25 @@ def table(rows: dict[str, dict], split: str) -> str:
         t = values(r, split, "sec_per_image")
         ratio = f"{min(t) / min(base_time):.1f}" if t and base_time else "—"
         lines.append("| " + " | ".join([name, seeds, *[cell(values(r, split, k), d) for k, _, d in cols],
-                                          cell(adapt, 2), f"{min(t):.3f}" if t else "—", ratio]) + " |")
+                                          spread(adapt), f"{min(t):.3f}" if t else "—", ratio]) + " |")
     return "\n".join(lines)
+
+
+def spread(vals: list[float]) -> str:
+    """A figure that cannot be negative (adaptivity): its range over training seeds, not a t-interval."""
+    if not vals:
+        return "—"
+    return f"{vals[0]:.3f}" if len(vals) == 1 else f"{min(vals):.3f}–{max(vals):.3f}"
+
+
+JUDGE_KEYS = ("judge/overall", "judge/position", "judge/binding")
+
+
+def verdict(d: list[float], scale: float = 1.0) -> tuple[str, str]:
+    """(mean ± half-width, whether the 95% interval over training seeds lies above, below or around 0)."""
+    mean, half = t_interval(d)
+    word = "—" if half != half else ("above 0" if mean - half > 0 else "below 0" if mean + half < 0 else "includes 0")
+    return f"{mean * scale:+.4f} ± {half * scale:.4f}", word
 
 
 def claims(rows: dict[str, dict]) -> str:
@@ -83,10 +100,8 @@ def claims(rows: dict[str, dict]) -> str:
         d = paired(rows[a], rows[b], "unseen", key)
         if not d:
             return ""
-        mean, half = t_interval(d)
-        verdict = "—" if half != half else ("above 0" if mean - half > 0 else "below 0" if mean + half < 0 else
-                                            "includes 0")
-        return f"| {a} − {b} | {key.split('/')[-1]} | {mean:+.4f} ± {half:.4f} | {verdict} |"
+        value, word = verdict(d)
+        return f"| {a} − {b} | {key.split('/')[-1]} | {value} | {word} |"
 
     lines = ["| comparison | metric | difference (95% CI over training seeds) | interval |", "|---|---|---|---|"]
     pairs = [("HyperAlign-S", "static LoRA"), ("HyperAlign-P", "static LoRA"), ("HyperAlign-I", "static LoRA"),
@@ -96,9 +111,9 @@ def claims(rows: dict[str, dict]) -> str:
              ("HyperAlign-I", "ablation: L_R only (λ = 0)"), ("toy-clip reward, no L_G", "base"),
              ("toy-clip reward, with L_G", "base"), ("toy-clip reward, no L_G", "toy-clip reward, with L_G"),
              ("HyperAlign-S", "HyperAlign-S, LoRA averaged"), ("HyperAlign-I", "HyperAlign-I, LoRA averaged"),
-             ("HyperAlign-S, LoRA averaged", "static LoRA")]
+             ("HyperAlign-S, LoRA averaged", "static LoRA"), ("Best-of-8", "base"), ("guidance", "base")]
     for a, b in pairs:
-        for key in (reward, "judge/overall") + (("reward/toy-clip", "saturation") if "toy-clip" in a else ()):
+        for key in (reward, *JUDGE_KEYS) + (("reward/toy-clip", "saturation") if "toy-clip" in a else ()):
             line = diff(a, b, key)
             if line:
                 lines.append(line)
@@ -112,6 +127,47 @@ def claims(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def at_rank(name: str, r: int) -> str:
+    """The protocol's row name of a headroom row at rank r (the default rank 4 is the plain row)."""
+    return name if r == 4 else f"{name}, rank {r}"
+
+
+def headroom(rows: dict[str, dict]) -> str:
+    """Can adapting pay? At each rank R: the oracle (one static LoRA per relation, picked by reading the prompt) minus
+    one shared static LoRA bounds what adapting to the prompt by relation can add; HyperAlign-I and the static LoRA
+    at 2R (HyperAlign's generated LoRA has rank 2R) against the same shared LoRA; and HyperAlign-I's share of the
+    headroom. Paired by training seed on 'unseen' prompts."""
+    reward = "reward/" + rewards(rows)[0]
+    lines = ["| rank R | comparison | " + " | ".join(k.split("/")[-1] for k in (reward, *JUDGE_KEYS)) + " |",
+             "|---|---|" + "---|" * (1 + len(JUDGE_KEYS))]
+    for r in (1, 4, 16):
+        shared = at_rank("static LoRA", r)
+        if shared not in rows:
+            continue
+        for other in (at_rank("oracle: a LoRA per relation", r), *(["oracle: a LoRA per shape set"] if r == 4 else []),
+                      at_rank("HyperAlign-I", r), at_rank("static LoRA", 2 * r) if r != 4 else "static LoRA, rank 8"):
+            if other not in rows:
+                continue
+            cells = []
+            for key in (reward, *JUDGE_KEYS):
+                value, word = verdict(paired(rows[other], rows[shared], "unseen", key))
+                cells.append(f"{value} ({word})")
+            lines.append(f"| {r} | {other} − {shared} | " + " | ".join(cells) + " |")
+        oracle, ha = at_rank("oracle: a LoRA per relation", r), at_rank("HyperAlign-I", r)
+        if oracle in rows and ha in rows:
+            cells = []
+            for key in (reward, *JUDGE_KEYS):
+                gap = paired(rows[oracle], rows[shared], "unseen", key)
+                got = paired(rows[ha], rows[shared], "unseen", key)
+                share = [g / h for g, h in zip(got, gap) if h != 0]
+                cells.append(f"{t_interval(share)[0]:+.2f} ± {t_interval(share)[1]:.2f}" if len(share) > 1 else "—")
+            lines.append(f"| {r} | HyperAlign-I's share of the oracle's headroom | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+HEADROOM_ROWS = ("oracle:", ", rank ")      # rows of the headroom table, kept out of the main tables
+
+
 def blocks(results: str) -> dict[str, str]:
     """Every generated block, by name."""
     data, out = load(results), {}
@@ -122,14 +178,20 @@ def blocks(results: str) -> dict[str, str]:
                  "HyperAlign-I, LoRA averaged"]
         rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else 99)}
         proto = next(iter(rows.values()))["protocol"]
-        out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(rows, "unseen")
-        out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(rows, "heldout")
-        out[f"{model}-claims"] = claims(rows)
-    for name in ("search", "search-head1", "search-clamped", "search-first"):
+        main = {k: v for k, v in rows.items() if not any(h in k for h in HEADROOM_ROWS)}
+        out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(main, "unseen")
+        out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(main, "heldout")
+        out[f"{model}-claims"] = claims(main)
+        extra = {k: v for k, v in rows.items() if k not in main or k in ("base", "static LoRA", "HyperAlign-I")}
+        if len(extra) > 3:
+            out[f"{model}-headroom-rows"] = table(extra, "unseen")
+            out[f"{model}-headroom"] = headroom(rows)
+    for name in ("search", "search-v1", "search-head1", "search-clamped", "search-first"):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
-    for name, render_table in (("capability", capability_table), ("budget", budget_table)):
+    for name, render_table in (("capability", capability_table), ("budget", budget_table),
+                               ("budget-v1", budget_table)):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = render_table(files.read_json(path, f"{name} results"))
@@ -222,14 +284,20 @@ def search_table(s: dict) -> str:
         return ", ".join(f"{names.get(k, k)} {v:g}" if isinstance(v, float) else f"{names.get(k, k)} {v}"
                          for k, v in d.items())
     adapt = any("adaptivity" in r for r in s["runs"])
-    head = f"| method | setting | val reward ({s.get('reward', 'toy-ir')}) | val judge |" + (" adaptivity |" if adapt else "")
-    lines = [head + " chosen |", "|---|---|---|---|" + ("---|" if adapt else "") + "---|"]
+    parts = any("position" in r for r in s["runs"])           # v2's search: the judge's position and binding too
+    stage = any("stage" in r for r in s["runs"])
+    head = ("| stage " if stage else "") + f"| method | setting | val reward ({s.get('reward', 'toy-ir')}) | val judge |" \
+        + (" position | binding |" if parts else "") + (" adaptivity |" if adapt else "") + " chosen |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     if "base" in s:
-        lines.append(f"| base model | — | {s['base']['reward']:.4f} | {s['base']['judge']:.4f} |" +
-                     (" |" if adapt else "") + " |")
+        b = s["base"]
+        lines.append(("| — " if stage else "") + f"| base model | — | {b['reward']:.4f} | {b['judge']:.4f} |" +
+                     (f" {b['position']:.4f} | {b['binding']:.4f} |" if parts else "") + (" |" if adapt else "") + " |")
     for r in s["runs"]:
         a = (f" {r['adaptivity']:.4f} |" if "adaptivity" in r else " — |") if adapt else ""
-        lines.append(f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} |{a} "
+        pb = (f" {r['position']:.4f} | {r['binding']:.4f} |" if "position" in r else " — | — |") if parts else ""
+        lines.append((f"| {r.get('stage', '')} " if stage else "") +
+                     f"| {r['method']} | {setting(r['setting'])} | {r['reward']:.4f} | {r['judge']:.4f} |{pb}{a} "
                      f"{'**yes**' if r.get('chosen') else ''} |")
     return "\n".join(lines)
 

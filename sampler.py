@@ -109,12 +109,14 @@ def predict_x0(x_t: torch.Tensor, pred: torch.Tensor, alpha_bar_t: torch.Tensor,
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """x_t ~ q(x_t | x0) (DDPM eq. 4); alpha_bar_t broadcastable, e.g. (B, 1, 1, 1)."""
+    """x_t ~ q(x_t | x0) (DDPM eq. 4; the VP discretisation of the paper's Eq. 1); alpha_bar_t broadcastable, e.g.
+    (B, 1, 1, 1)."""
     return alpha_bar_t ** 0.5 * x0 + (1 - alpha_bar_t) ** 0.5 * eps
 
 
 def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str = "epsilon"):
-    """What the model should output at x_t = add_noise(x0, eps): eps, v, or x0 (denoising score matching)."""
+    """What the model should output at x_t = add_noise(x0, eps): eps, v, or x0 (denoising score matching, the paper's
+    Eq. 3)."""
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "v_prediction":
@@ -136,7 +138,8 @@ def guided(model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond, uncond=Non
 
 def ddim_step(x_t: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, schedule: VPSchedule, eta: float = 0.0,
               generator: torch.Generator | None = None):
-    """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12 with sigma from eq. 16): returns (x_prev, x0_hat)."""
+    """One DDIM update x_t -> x_{t_prev} (the paper's Eq. 4; Song et al. 2021, eq. 12 with sigma from eq. 16):
+    returns (x_prev, x0_hat)."""
     alpha_bar_t, alpha_bar_prev = schedule.alpha_bar_at(t), schedule.alpha_bar_at(t_prev)
     x0_hat, eps = predict_x0(x_t, pred, alpha_bar_t, schedule.prediction_type)
     if schedule.clip_sample_range is not None:
@@ -153,7 +156,8 @@ def ddim_step(x_t: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, schedu
 def ddim_sample(model: Callable, x_T: torch.Tensor, cond, schedule: VPSchedule, steps: int = 50, uncond=None,
                 guidance: float = 1.0, eta: float = 0.0, generator: torch.Generator | None = None,
                 trajectory: bool = False, progress: bool = False):
-    """DDIM sampling (Song et al. 2021) from x_T ~ N(0, I) over `schedule.timesteps(steps)`.
+    """DDIM sampling (Song et al. 2021; the discretised reverse process of the paper's Eq. 2) from x_T ~ N(0, I) over
+    `schedule.timesteps(steps)`.
 
     `model(x_t, t, cond) -> pred` is called once per step (see `guided` for the batching under guidance); t is an
     int64 tensor of shape (batch,) holding the current training timestep. Returns x_0, or with trajectory=True
@@ -244,7 +248,8 @@ def flow_step(x_t: torch.Tensor, v: torch.Tensor, t: float, t_next: float) -> tu
 
 def flow_sample(model: Callable, x_T: torch.Tensor, cond: dict, steps: int = 28, shift: bool = True,
                 ts: torch.Tensor | None = None, trajectory: bool = False, progress: bool = False):
-    """Rectified-flow sampling: Euler integration of dx/dt = v from t = 1 (noise x_T) to t = 0 (BFL `denoise`).
+    """Rectified-flow sampling: Euler integration of dx/dt = v from t = 1 (noise x_T) to t = 0 (BFL `denoise`; the
+    paper's Eq. 2 for flow models).
 
     `model(x_t, t, cond) -> v` on packed latents x_t (B, L, C) with t a float tensor (B,) in [0, 1] (see
     backbone.Backbone). The times are `flow_timesteps(steps, L, shift)` (dev: shift=True; schnell: False) unless `ts` is

@@ -138,10 +138,15 @@ def hard_negative_image(caption: str, seed: int, kind: str, rng: random.Random) 
     """A wrong render for `caption` drawn from the same layout where one exists: (3, H, W) in [0, 1].
 
     positions: the two objects' centres exchanged (the relation reversed); colours: their colours exchanged (a binding
-    error); missing: one object left out; attribute: a changed caption's render (a one-object caption gets this for
-    every kind). A colour exchange whose scene is a composition of the other split becomes a position exchange, for
-    the reason given in hard_negative."""
+    error); missing: one object left out; morph: one object's outline blended 30-70% towards another shape (a square
+    with rounded corners, a lumpy circle: the attribute errors a diffusion model makes); attribute: a changed
+    caption's render (a one-object caption gets this for every kind but morph). A colour exchange whose scene is a
+    composition of the other split becomes a position exchange, for the reason given in hard_negative."""
     p = world.parse(caption)
+    if kind == "morph":
+        i = rng.randrange(len(p.objects))
+        other = rng.choice([s for s in world.SHAPES if s != p.objects[i].shape])
+        return world.to_tensor([world.render(caption, seed, morph=(i, other, rng.uniform(0.3, 0.7)))])[0]
     if p.relation is not None:
         a, b = p.objects
         swapped = str(world.Prompt((world.Obj(b.colour, a.shape), world.Obj(a.colour, b.shape)), p.relation))

@@ -56,15 +56,16 @@ def conditioning(text_encoder, tokenizer, split: str = "unseen") -> dict[str, fl
     return {"flip": rel(ctx([alt(c, world.FLIP) for c in ps])), "axis": rel(ctx([alt(c, AXIS) for c in ps]))}
 
 
-COMPOSITION_KINDS = ("positions", "colours", "missing", "flip", "swap", "count", "attribute")
+COMPOSITION_KINDS = ("positions", "colours", "missing", "morph", "flip", "swap", "count", "attribute")
 
 
 @torch.no_grad()
 def composition_accuracy(reward, split: str, n: int = 300, seed: int = 0) -> dict[str, float]:
     """Share of pairs, on n relational prompts of `split` with fresh render seeds, where `reward` prefers the truth:
 
-      positions / colours / missing   the true render over the same layout with the two objects' positions or colours
-                                      exchanged, or one object left out (the same caption for both)
+      positions / colours / missing / morph   the true render over the same layout with the two objects' positions
+                                      or colours exchanged, one object left out, or one object's outline morphed
+                                      30-70% towards another shape (the same caption for both)
       flip / swap / count / attribute the true caption over a hard-negative caption for the same render (relation
                                       reversed, colours swapped, one object, an attribute changed)
     The table of docs/results.md's composition rewards (any reward with the contract: toy-comp, toy-ir, ...)."""
@@ -75,14 +76,38 @@ def composition_accuracy(reward, split: str, n: int = 300, seed: int = 0) -> dic
     truth = reward(pos, caps)
     out = {}
     for kind in COMPOSITION_KINDS:
-        if kind in world.EXCHANGES or kind == "missing":
-            neg = torch.stack([world.to_tensor([world.render(c, s, **({"exchange": kind} if kind != "missing" else
-                                                                         {"omit": rng.randrange(2)}))])[0]
-                               for c, s in zip(caps, seeds)])
-            wrong = reward(neg, caps)
+        if kind in world.EXCHANGES:              # always the exchange itself (hard_negative_image keeps splits apart)
+            wrong = reward(world.to_tensor([world.render(c, s, exchange=kind) for c, s in zip(caps, seeds)]), caps)
+        elif kind in ("missing", "morph"):
+            wrong = reward(torch.stack([data.hard_negative_image(c, s, kind, rng) for c, s in zip(caps, seeds)]), caps)
         else:
             wrong = reward(pos, [data.hard_negative(c, kind, rng)[0] for c in caps])
         out[kind] = (truth > wrong).float().mean().item()
+    return out
+
+
+def auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """P(score of a positive > score of a negative), ties half: 0.5 is a score blind to the label."""
+    pos, neg = score[label > 0.5], score[label < 0.5]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return ((pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()).item()
+
+
+@torch.no_grad()
+def on_samples(rewards: dict, pipe: pipeline.Pipeline, split: str = "unseen", seeds: tuple[int, ...] = (0, 1)) -> dict:
+    """Does a reward see, on the base model's own samples, what the judge sees? For every prompt of `split` x seeds, the
+    judge's verdict (all objects bound: right colour and shape) and each reward's score: the AUC of the score for
+    that verdict (0.5: blind to it). A reward can be right on renders and blind on a diffusion model's softer
+    shapes; this is the measure that says which. The judge only labels here, it trains nothing."""
+    caps = world.prompts(split)
+    x = torch.cat([sample(pipe, caps[i:i + 64], 5000 + 1000 * s + i) for s in seeds for i in range(0, len(caps), 64)])
+    caps = caps * len(seeds)
+    bound = (judge.judge(x, caps)["binding"] == 1).float()
+    out = {"bound_rate": bound.mean().item()}
+    for name, reward in rewards.items():
+        score = torch.cat([reward(x[i:i + 128], caps[i:i + 128]) for i in range(0, len(caps), 128)]).float()
+        out[f"{name}_auc"] = auc(score, bound)
     return out
 
 
@@ -121,9 +146,11 @@ def evaluate(cfg: BuildConfig, root: str) -> dict:
     cond = conditioning(weights.load_text_encoder(os.path.join(root, "sd", "text_encoder")),
                         weights.load_tokenizer(os.path.join(root, "sd", "tokenizer")))
     out.update({f"cond_{k}": v for k, v in cond.items()})
+    loaded = {}
     for name, make, folder in (("comp", toy_rewards.toy_comp, "comp"), ("ir", toy_rewards.toy_image_reward, "ir"),
                                ("clip", toy_rewards.toy_clip_score, "clip"), ("pref", toy_rewards.toy_preference, "pref")):
-        reward = make(os.path.join(root, folder))
+        reward = loaded[name] = make(os.path.join(root, folder))
         out.update({f"pairs_{name}_{split}_{k}": v for split in ("unseen", "heldout")
                     for k, v in composition_accuracy(reward, split, cfg.eval_pairs).items()})
+    out.update({f"samples_{k}": v for k, v in on_samples(loaded, sd).items()})
     return out

@@ -41,16 +41,23 @@ def _components(cls: np.ndarray) -> np.ndarray:
 
 
 def _shape_of(mask: np.ndarray) -> str:
-    """Circle, square or triangle from a component's pixels: filled box corners, and mass in the top half."""
+    """Circle, square or triangle from a component's pixels: mass in the top half, then filled box corners.
+
+    An upright triangle keeps ~1/4 of its mass in the top half (renders 0.24-0.27, the toy models' samples
+    0.24-0.33), squares and circles ~1/2. The 2 x 2 corners of the box are full for a square's render, empty for a
+    circle's (at most 1/4); a diffusion model's squares have softer corners (5th-95th percentile 0.38-1.0 on toy SD
+    samples), its circles none (at most 0.13): squares from 0.3 on.
+    NOTE: toy world v1's judge asked for corners >= 0.7 and called 61% of toy SD's squares circles, most of them
+    squares to the eye (docs/results.md §1)."""
     ys, xs = np.nonzero(mask)
     box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
     h, w = box.shape
     corners = np.mean([box[:2, :2].mean(), box[:2, -2:].mean(), box[-2:, :2].mean(), box[-2:, -2:].mean()])
-    top = box[:h // 2].sum() / box.sum()        # an upright triangle keeps ~1/4 of its mass in the top half
-    if corners >= 0.7:
-        return "square"
+    top = box[:h // 2].sum() / box.sum()
     if top < 0.4:
         return "triangle"
+    if corners >= 0.3:
+        return "square"
     return "circle"
 
 

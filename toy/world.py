@@ -129,6 +129,20 @@ def prompts(split: str) -> list[str]:
     return [p for p in all_prompts() if split == "all" or is_heldout(p) == (split == "heldout")]
 
 
+GROUPINGS = ("relation", "shapes")
+
+
+def group(caption: str, grouping: str) -> str:
+    """The group of a caption: its relation ("left of", ..., "none" for one object), or the set of shapes it asks for
+    ("circle+square"). The prompt groups of the per-group oracle LoRAs (methods.Oracle)."""
+    p = parse(caption)
+    if grouping == "relation":
+        return p.relation or "none"
+    if grouping == "shapes":
+        return "+".join(sorted(o.shape for o in p.objects))
+    raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+
+
 def eval_prompts(split: str, n: int | None = 64, seed: int = 0) -> list[str]:
     """A fixed sample of n prompts of a split (None: all of them, shuffled): what the reported accuracies use."""
     ps = prompts(split)
@@ -182,11 +196,38 @@ def exchanged(placed: list[tuple[Obj, int, int, int]], what: str) -> list[tuple[
     return [(Obj(b.colour, a.shape), sa, xa, ya), (Obj(a.colour, b.shape), sb, xb, yb)]
 
 
-def render(caption: str, seed: int = 0, omit: int | None = None, exchange: str | None = None) -> Image.Image:
+def outline(shape: str, x0: float, y0: float, x1: float, y1: float, n: int = 96) -> np.ndarray:
+    """The shape's boundary in the box (x0, y0)-(x1, y1) as n points, one per direction from the box centre (n, 2):
+    the same directions for every shape, so that two outlines can be blended point by point (`render`'s morph)."""
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    u = np.stack([np.cos(a), np.sin(a)], 1)                                  # unit directions (x right, y down)
+    if shape == "circle":
+        r = np.ones(n)
+    elif shape == "square":
+        r = 1 / np.abs(u).max(1)
+    else:                                  # the upright triangle: apex (0, -1), base corners (±1, 1), box-normalised
+        corners = np.array([[0, -1], [1, 1], [-1, 1], [0, -1]], float)
+        r = np.full(n, np.inf)
+        for p, q in zip(corners[:-1], corners[1:]):                           # ray from the centre against each edge
+            d = q - p
+            den = u[:, 0] * d[1] - u[:, 1] * d[0]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = (p[0] * d[1] - p[1] * d[0]) / den                          # distance along the ray
+                v = (p[0] * u[:, 1] - p[1] * u[:, 0]) / den                    # position along the edge
+            ok = (np.abs(den) > 1e-12) & (t > 0) & (v >= -1e-9) & (v <= 1 + 1e-9)
+            r = np.where(ok, np.minimum(r, t), r)
+    return np.stack([cx + hw * r * u[:, 0], cy + hh * r * u[:, 1]], 1)
+
+
+def render(caption: str, seed: int = 0, omit: int | None = None, exchange: str | None = None,
+           morph: tuple[int, str, float] | None = None) -> Image.Image:
     """Draw the caption at random sizes and positions (deterministic in (caption, seed)); anti-aliased RGB.
 
     `omit` leaves the object of that index out of the same layout (the preference data's 'missing object' render);
-    `exchange` ("positions" or "colours") draws the same layout with the two objects' centres or colours exchanged.
+    `exchange` ("positions" or "colours") draws the same layout with the two objects' centres or colours exchanged;
+    `morph` (i, shape, w) draws object i with its outline blended a fraction w towards `shape`'s (a square with
+    rounded corners, a circle flattened towards a square, ...): an attribute error of graded size.
     """
     k = SUPERSAMPLE
     img = Image.new("RGB", (SIZE * k, SIZE * k), BACKGROUND)
@@ -198,7 +239,10 @@ def render(caption: str, seed: int = 0, omit: int | None = None, exchange: str |
         x0, y0 = (cx - s / 2) * k, (cy - s / 2) * k
         x1, y1 = x0 + s * k - 1, y0 + s * k - 1
         fill = PALETTE[obj.colour]
-        if obj.shape == "circle":
+        if morph is not None and morph[0] == i:
+            (_, other, w), box = morph, (x0, y0, x1, y1)
+            draw.polygon([tuple(p) for p in (1 - w) * outline(obj.shape, *box) + w * outline(other, *box)], fill=fill)
+        elif obj.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif obj.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=fill)
