@@ -1,21 +1,25 @@
-"""The frozen generator as the method sees it: one adapter for the SD U-Net (VP diffusion) and the FLUX transformer
-(rectified flow), so that everything above works with either.
+"""The frozen generator as the method sees it: one class per process, one contract, so that everything above works
+with either (as k-diffusion has one model contract and one class per process).
 
-    forward(weights, x_t, t, cond) the samplers' contract `model(x_t, t, cond) -> prediction`, optionally run with
-                                   LoRA weights (lora.prepare); None runs the base model
-    features(x_t, t, cond)         the perception encoder E(x_t, t, c) of the hypernetwork (frozen)
-    x0_hat / noised / target       the process's algebra: one-step prediction, q(x_t | x0), the denoising target
+    VP    SD1.x U-Net, VP diffusion: x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t integer in [0, 1000); cond = text
+          context (B, S, E); the U-Net predicts eps (or v); sampled with DDIM + classifier-free guidance
+    Flow  FLUX transformer, rectified flow: x_t = (1 - t) x0 + t eps, t in [0, 1]; cond = sampler.flux_cond dict;
+          x are packed tokens; FLUX predicts the velocity v = eps - x0; sampled with Euler steps
 
-    vp   (SD1.5): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, t integer in [0, 1000); cond = text context (B, S, E);
-                  the U-Net predicts eps (or v); the algebra is sampler.py's VP section.
-    flow (FLUX):  x_t = (1 - t) x0 + t eps, t in [0, 1]; cond = sampler.flux_cond dict; x are packed tokens;
-                  FLUX predicts the velocity v = eps - x0.
+The contract (Backbone):
+    forward(weights, x_t, t, cond)     the samplers' `model(x_t, t, cond) -> prediction`, optionally with LoRA weights
+                                       (lora.prepare); None and `backbone(x_t, t, cond)` run the base model
+    features(x_t, t, cond)             the perception encoder E(x_t, t, c) of the hypernetwork (frozen)
+    x0_hat / noised / recover / target the process's algebra (the formulas: sampler.py)
+    conds / pairs / step / sample      what the pipeline asks of the process: conditioning, the sampler's times, one
+                                       update, a whole trajectory; to_model / from_model: latents <-> model space
 
-Shape alphabet: B batch, L feature tokens, F feature width, S text tokens, E embedding width.
+Shape alphabet: B batch, L feature tokens, F feature width, S text tokens, E embedding width, C H W latent shape.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +29,6 @@ from torch import Tensor, nn
 import lora
 import sampler
 
-KINDS = ("vp", "flow")
 POOL = 8          # perception features are pooled to at most POOL x POOL tokens per level (SD1.5 at 512 px: 64x64)
 
 
@@ -41,18 +44,17 @@ def pool_tokens(x: Tensor, n: int = POOL * POOL) -> Tensor:
     return F.adaptive_avg_pool1d(x.transpose(1, 2), n).transpose(1, 2)
 
 
-@dataclass
-class Backbone:
-    kind: str                                 # "vp" or "flow"
-    model: nn.Module                          # unet.UNet or flux.Flux, frozen
-    schedule: sampler.VPSchedule | None = None  # vp: alpha_bar and the prediction type (eps or v)
-    encoder_depth: int = 2                    # flow: double blocks in the perception encoder
+def _per_sample(t: Tensor, like: Tensor) -> Tensor:
+    """A (B,) tensor of per-sample values, broadcastable to `like` (B, 1, ...)."""
+    return t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"backbone kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "vp" and self.schedule is None:
-            raise ValueError("a VP backbone needs its noise schedule")
+
+class Backbone:
+    """What VP and Flow share: the frozen model, its dtype and device, and running it (with LoRA weights or not)."""
+    kind: str                                 # "vp" or "flow": what a HyperConfig's `backbone` names
+    t_dtype: torch.dtype                      # how the model takes its time
+    model: nn.Module
+    encoder_depth: int = 2                    # flow: double blocks in the perception encoder
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,15 +64,6 @@ class Backbone:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def inputs(self, x_t: Tensor, t: Tensor, cond) -> tuple:
-        """The model's positional inputs, cast to its dtype (a bf16 model takes bf16; x_t itself stays fp32)."""
-        dtype = self.dtype
-        if self.kind == "vp":
-            return x_t.to(dtype), t, cond.to(dtype)
-        g = cond.get("guidance")
-        return (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
-                cond["y"].to(dtype), None if g is None else g.to(dtype))
-
     def forward(self, weights: lora.Weights, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """f_{θ+Δθ}(x_t, t, cond) with LoRA weights from lora.prepare (None: the base model)."""
         return lora.run(self.model, weights, *self.inputs(x_t, t, cond)).to(x_t.dtype)
@@ -79,70 +72,164 @@ class Backbone:
         """The base model with the samplers' contract."""
         return self.forward(None, x_t, t, cond)
 
+
+@dataclass
+class VP(Backbone):
+    model: nn.Module                          # unet.UNet, frozen
+    schedule: sampler.VPSchedule              # alpha_bar and the prediction type (eps or v)
+    kind = "vp"
+    t_dtype = torch.int64
+
+    def inputs(self, x_t: Tensor, t: Tensor, cond: Tensor) -> tuple:
+        """The U-Net's positional inputs, cast to its dtype (a bf16 model takes bf16; x_t itself stays fp32)."""
+        return x_t.to(self.dtype), t, cond.to(self.dtype)
+
     @torch.no_grad()
     def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[list[Tensor], Tensor, Tensor]:
         """Perception encoder E(x_t, t, c), frozen: (levels, text, emb).
 
-        levels  [(B, L_i, F_i)]: vp: the output of every down level of the U-Net (the cross-attention levels and the
-                last one), each average-pooled to at most POOL x POOL tokens; flow: the image and text streams after
-                the first `encoder_depth` double-stream blocks, each pooled to at most POOL² tokens
-        text    (B, S, E): the prompt's own text tokens (CLIP context for SD, T5 states for FLUX)
-        emb     (B, E'): the time embedding (FLUX: time + pooled text + guidance, the modulation vector)
+        levels  [(B, L_i, F_i)]: the output of every down level of the U-Net (the cross-attention levels and the last
+                one), each average-pooled to at most POOL x POOL tokens
+        text    (B, S, E): the prompt's own text tokens (the CLIP context)
+        emb     (B, E'): the time embedding
         """
-        if self.kind == "vp":
-            args = self.inputs(x_t, t, cond)
-            _, skips, emb = self.model.down(*args)
-            L = self.model.config.layers_per_block
-            # skips = [conv_in] + per level: its L outputs (+ the down-sampled one); level i's output is index i (L+1) + L
-            outs = [skips[i * (L + 1) + L] for i in range(len(self.model.config.block_out_channels))]
-            levels = [rearrange(F.adaptive_avg_pool2d(h, (min(POOL, h.shape[-2]), min(POOL, h.shape[-1]))),
-                                "B C h w -> B (h w) C") for h in outs]
-            return levels, args[2], emb
-        # NOTE: the paper does not say what encodes x_t for FLUX; ours: the frozen embedders plus the first
-        # `encoder_depth` double-stream blocks, image and text tokens, and the modulation vector.
-        img, txt, vec, _ = self.model.forward_features(*self.inputs(x_t, t, cond), depth=self.encoder_depth)
-        return [pool_tokens(img), pool_tokens(txt)], cond["txt"].to(self.dtype), vec
+        args = self.inputs(x_t, t, cond)
+        _, skips, emb = self.model.down(*args)
+        L = self.model.config.layers_per_block
+        # skips = [conv_in] + per level: its L outputs (+ the down-sampled one); level i's output is index i (L+1) + L
+        outs = [skips[i * (L + 1) + L] for i in range(len(self.model.config.block_out_channels))]
+        levels = [rearrange(F.adaptive_avg_pool2d(h, (min(POOL, h.shape[-2]), min(POOL, h.shape[-1]))),
+                            "B C h w -> B (h w) C") for h in outs]
+        return levels, args[2], emb
 
     def feature_dims(self) -> tuple[list[int], int, int]:
         """Widths of (levels, text, emb) as `features` returns them."""
         c = self.model.config
-        if self.kind == "vp":
-            return list(c.block_out_channels), c.cross_attention_dim, 4 * c.block_out_channels[0]
-        return [c.hidden_size, c.hidden_size], c.context_in_dim, c.hidden_size
-
-    # ---- the process's algebra (t is a (B,) tensor of model times)
+        return list(c.block_out_channels), c.cross_attention_dim, 4 * c.block_out_channels[0]
 
     def _ab(self, t: Tensor, like: Tensor) -> Tensor:
-        """alpha_bar_t broadcastable to `like`; t < 0 means "before t = 0" (DDIM's final step)."""
-        t = t.long().to(like.device)
-        ab = self.schedule.alpha_bar.to(like.device)[t.clamp_min(0)]
-        ab = torch.where(t >= 0, ab, self.schedule.final_alpha_bar.to(like.device)).to(like.dtype)
-        return ab.view(-1, *[1] * (like.dim() - 1))                # (B, 1, ...)
-
-    def _t(self, t: Tensor, like: Tensor) -> Tensor:
-        return t.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+        """alpha_bar_t broadcastable to `like` (B, 1, ...); t < 0 means "before t = 0" (DDIM's final step)."""
+        return _per_sample(self.schedule.alpha_bar_at(t.to(like.device)), like)
 
     def x0_hat(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-        """One-step prediction of the clean sample (DDIM eq. 9 / Tweedie for VP; x_t - t v for flow)."""
-        if self.kind == "flow":
-            return sampler.flow_x0_hat(x_t, self._t(t, x_t), pred)
+        """One-step prediction of the clean sample (DDIM eq. 9 / Tweedie)."""
         return sampler.predict_x0(x_t, pred, self._ab(t, x_t), self.schedule.prediction_type)[0]
 
     def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The forward process q(x_t | x0) with the given noise."""
-        if self.kind == "flow":
-            return (1 - self._t(t, x0)) * x0 + self._t(t, x0) * eps
         return sampler.add_noise(x0, eps, self._ab(t, x0))
 
     def recover(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """x0 from a state whose noise is known: the inverse of `noised` (Direct-Align's recovery, SRPO)."""
-        if self.kind == "flow":
-            return (x_t - self._t(t, x_t) * eps) / (1 - self._t(t, x_t))
         ab = self._ab(t, x_t)
         return (x_t - (1 - ab) ** 0.5 * eps) / ab ** 0.5
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """What the model should predict at q(x_t | x0, eps): eps (or v) for VP, the velocity eps - x0 for flow."""
-        if self.kind == "flow":
-            return eps - x0
+        """What the model should predict at q(x_t | x0, eps): eps (or v)."""
         return sampler.training_target(x0, eps, self._ab(t, x0), self.schedule.prediction_type)
+
+    def conds(self, text: Callable, prompts: list[str], negative: str, guidance: float, latent_hw) -> tuple:
+        """(cond, uncond): the text context, and the negative prompt's for classifier-free guidance (None without)."""
+        return text(prompts), text([negative] * len(prompts)) if guidance > 1 else None
+
+    def to_model(self, z: Tensor) -> Tensor:
+        return z                                                     # the U-Net works on latents (B, C, H, W)
+
+    def from_model(self, x: Tensor, latent_hw) -> Tensor:
+        return x
+
+    def pairs(self, steps: int, latent_hw, shift: bool) -> list[tuple]:
+        """[(t, t_next)]: the integer timesteps of the N DDIM updates."""
+        return self.schedule.step_pairs(steps)
+
+    def step(self, x_t: Tensor, pred: Tensor, t, t_next, eta: float = 0.0, generator=None) -> tuple[Tensor, Tensor]:
+        """One DDIM update x_t -> x_{t_next} (the paper's Eq. 4): (x_next, x0_hat)."""
+        return sampler.ddim_step(x_t, pred, t, t_next, self.schedule, eta, generator)
+
+    def sample(self, model: Callable, x_T: Tensor, cond, uncond, steps: int, guidance: float, shift: bool,
+               eta: float = 0.0, generator=None, trajectory: bool = True, progress: bool = False):
+        return sampler.ddim_sample(model, x_T, cond, self.schedule, steps, uncond=uncond, guidance=guidance, eta=eta,
+                                   generator=generator, trajectory=trajectory, progress=progress)
+
+
+@dataclass
+class Flow(Backbone):
+    model: nn.Module                          # flux.Flux, frozen
+    encoder_depth: int = 2                    # double blocks in the perception encoder
+    kind = "flow"
+    t_dtype = torch.float32
+
+    def inputs(self, x_t: Tensor, t: Tensor, cond: dict) -> tuple:
+        """FLUX's positional inputs, cast to its dtype (a bf16 model takes bf16; x_t itself stays fp32)."""
+        dtype, g = self.dtype, cond.get("guidance")
+        return (x_t.to(dtype), cond["img_ids"], cond["txt"].to(dtype), cond["txt_ids"], t.to(dtype),
+                cond["y"].to(dtype), None if g is None else g.to(dtype))
+
+    @torch.no_grad()
+    def features(self, x_t: Tensor, t: Tensor, cond) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Perception encoder E(x_t, t, c), frozen: (levels, text, emb): the image and text streams after the first
+        `encoder_depth` double-stream blocks, each pooled to at most POOL² tokens; the T5 tokens; the modulation
+        vector (time + pooled text + guidance).
+        NOTE: the paper does not say what encodes x_t for FLUX; this is ours."""
+        img, txt, vec, _ = self.model.forward_features(*self.inputs(x_t, t, cond), depth=self.encoder_depth)
+        return [pool_tokens(img), pool_tokens(txt)], cond["txt"].to(self.dtype), vec
+
+    def feature_dims(self) -> tuple[list[int], int, int]:
+        c = self.model.config
+        return [c.hidden_size, c.hidden_size], c.context_in_dim, c.hidden_size
+
+    def x0_hat(self, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+        """One-step prediction of the clean sample: x_t - t v."""
+        return sampler.flow_x0_hat(x_t, _per_sample(t, x_t), pred)
+
+    def noised(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        t = _per_sample(t, x0)
+        return (1 - t) * x0 + t * eps
+
+    def recover(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        t = _per_sample(t, x_t)
+        return (x_t - t * eps) / (1 - t)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The velocity eps - x0."""
+        return eps - x0
+
+    def conds(self, text: Callable, prompts: list[str], negative: str, guidance: float, latent_hw) -> tuple:
+        """(flux_cond, None): T5 tokens, pooled CLIP, image ids, and the distilled guidance for FLUX-dev; FLUX has no
+        classifier-free guidance (a negative prompt does not apply)."""
+        txt, y = text(prompts)
+        g = guidance if self.model.config.guidance_embed else None
+        return sampler.flux_cond(txt, y, sampler.image_ids(len(prompts), *latent_hw, txt.device), g), None
+
+    def to_model(self, z: Tensor) -> Tensor:
+        return sampler.pack(z)                                       # (B, C, H, W) -> tokens (B, L, 4C)
+
+    def from_model(self, x: Tensor, latent_hw) -> Tensor:
+        return sampler.unpack(x, *latent_hw)
+
+    def pairs(self, steps: int, latent_hw, shift: bool) -> list[tuple]:
+        """[(t, t_next)]: FLUX's times in [0, 1], shifted for the image-token count (dev) or not (schnell)."""
+        h, w = latent_hw
+        ts = sampler.flow_timesteps(steps, h * w // 4, shift).tolist()
+        return list(zip(ts[:-1], ts[1:]))
+
+    def step(self, x_t: Tensor, pred: Tensor, t, t_next, eta: float = 0.0, generator=None) -> tuple[Tensor, Tensor]:
+        """One Euler step of the flow ODE: (x_next, x0_hat)."""
+        return sampler.flow_step(x_t, pred, t, t_next)
+
+    def sample(self, model: Callable, x_T: Tensor, cond, uncond, steps: int, guidance: float, shift: bool,
+               eta: float = 0.0, generator=None, trajectory: bool = True, progress: bool = False):
+        if eta:
+            raise ValueError("FLUX samples with Euler steps: eta does not apply")
+        return sampler.flow_sample(model, x_T, cond, steps, shift, trajectory=trajectory, progress=progress)
+
+
+def make(kind: str, model: nn.Module, schedule: sampler.VPSchedule | None = None) -> Backbone:
+    """VP(model, schedule) for "vp", Flow(model) for "flow" (a HyperConfig names its backbone by kind)."""
+    if kind == "vp":
+        if schedule is None:
+            raise ValueError("a VP backbone needs its noise schedule")
+        return VP(model, schedule)
+    if kind == "flow":
+        return Flow(model)
+    raise ValueError(f"backbone kind must be 'vp' or 'flow', got {kind!r}")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 import distributed
 import lora
+import backbone
 from backbone import Backbone
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def count_params(cfg: HyperConfig, make_model: Callable[[], nn.Module], **backbo
         if cfg.backbone == "vp" and "schedule" not in backbone_kw:
             import sampler
             backbone_kw["schedule"] = sampler.VPSchedule.from_config(None)
-        net = HyperAlign(cfg, Backbone(cfg.backbone, model, **backbone_kw)).hypernet
+        net = HyperAlign(cfg, backbone.make(cfg.backbone, model, **backbone_kw)).hypernet
         return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 import sampler
 import weights
 import weights_flux
-from backbone import Backbone
+from backbone import VP, Backbone, Flow
 from weights import WeightsError
 
 
@@ -104,29 +104,18 @@ class Pipeline:
 
     def conds(self, prompts: list[str], negative: str = ""):
         """(cond, uncond) for a batch of prompts; uncond None when there is no classifier-free guidance."""
-        if self.kind == "vp":
-            uncond = self.text([negative] * len(prompts)) if self.guidance > 1 else None
-            return self.text(prompts), uncond
-        txt, y = self.text(prompts)
-        h, w = self.latent_hw()
-        g = self.guidance if self.backbone.model.config.guidance_embed else None
-        return sampler.flux_cond(txt, y, sampler.image_ids(len(prompts), h, w, txt.device), g), None
+        return self.backbone.conds(self.text, prompts, negative, self.guidance, self.latent_hw())
 
     def noise(self, n: int, generator: torch.Generator, device=None) -> Tensor:
         """x_T: one randn of the latent shape in the model's dtype on a CPU generator (diffusers' seeding), kept in
-        float32; packed 2x2 for FLUX."""
+        float32, in model space (packed 2x2 for FLUX)."""
         h, w = self.latent_hw()
         z = torch.randn(n, self.vae.config.latent_channels, h, w, generator=generator, dtype=self.backbone.dtype)
-        z = z.float().to(device or self.device)
-        return z if self.kind == "vp" else sampler.pack(z)
+        return self.backbone.to_model(z.float().to(device or self.device))
 
     def pairs(self) -> list[tuple]:
         """[(t, t_next)] model times of the N sampler updates (VP: integer timesteps; flow: times in [0, 1])."""
-        if self.kind == "vp":
-            return self.backbone.schedule.step_pairs(self.steps)
-        h, w = self.latent_hw()
-        ts = sampler.flow_timesteps(self.steps, h * w // 4, self.shift).tolist()
-        return list(zip(ts[:-1], ts[1:]))
+        return self.backbone.pairs(self.steps, self.latent_hw(), self.shift)
 
     def timesteps(self) -> list:
         return [t for t, _ in self.pairs()]
@@ -136,43 +125,32 @@ class Pipeline:
         return self.t_each([t] * n, device)
 
     def t_each(self, ts: list, device=None) -> Tensor:
-        """A model time per sample (VP: integer timesteps; flow: times in [0, 1]): (n,)."""
-        return torch.tensor(ts, device=device or self.device, dtype=torch.int64 if self.kind == "vp" else torch.float32)
+        """A model time per sample: (n,)."""
+        return torch.tensor(ts, device=device or self.device, dtype=self.backbone.t_dtype)
 
     def step(self, x_t: Tensor, pred: Tensor, t, t_next, eta: float = 0.0, generator=None) -> tuple[Tensor, Tensor]:
         """One sampler update x_t -> x_{t_next} from the model's prediction: (x_next, x0_hat)."""
-        if self.kind == "vp":
-            return sampler.ddim_step(x_t, pred, t, t_next, self.backbone.schedule, eta, generator)
-        return sampler.flow_step(x_t, pred, t, t_next)
+        return self.backbone.step(x_t, pred, t, t_next, eta, generator)
 
     def rollout(self, model: Callable, x_T: Tensor, cond, uncond=None, eta: float = 0.0, generator=None,
                 trajectory: bool = True, progress: bool = False):
         """Sample from x_T with `model(x_t, t, cond)`. trajectory: {"t": [N], "x_t": (N+1, B, ...) from x_T to x_0,
         "x0_hat": (N, B, ...)}; else x_0."""
         with torch.no_grad():
-            if self.kind == "vp":
-                out = sampler.ddim_sample(model, x_T, cond, self.backbone.schedule, self.steps, uncond=uncond,
-                                          guidance=self.guidance, eta=eta, generator=generator,
-                                          trajectory=trajectory, progress=progress)
-            else:
-                if eta:
-                    raise ValueError("FLUX samples with Euler steps: eta does not apply")
-                out = sampler.flow_sample(model, x_T, cond, self.steps, self.shift, trajectory=trajectory,
-                                          progress=progress)
+            out = self.backbone.sample(model, x_T, cond, uncond, self.steps, self.guidance, self.shift, eta,
+                                       generator, trajectory, progress)
         return dict(out[1], t=out[1]["t"].tolist()) if trajectory else out
 
     def decode(self, x0: Tensor, clamp: bool = True) -> Tensor:
         """Model-space clean sample -> images (B, 3, H, W), differentiable; in [0, 1] when clamped."""
-        if self.kind == "flow":
-            x0 = sampler.unpack(x0, *self.latent_hw())
-        images = self.vae.decode(x0.to(next(self.vae.parameters()).dtype)).float() / 2 + 0.5
+        z = self.backbone.from_model(x0, self.latent_hw())
+        images = self.vae.decode(z.to(next(self.vae.parameters()).dtype)).float() / 2 + 0.5
         return images.clamp(0, 1) if clamp else images
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> model-space x0."""
-        z = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).float()
-        return z if self.kind == "vp" else sampler.pack(z)
+        return self.backbone.to_model(self.vae.encode(images.to(next(self.vae.parameters()).dtype)).float())
 
     @torch.no_grad()
     def generate(self, prompts: list[str], x_T: Tensor, model: Callable | None = None, negative: str = "",
@@ -246,7 +224,7 @@ def load(path: str, device="cpu", dtype: torch.dtype = torch.float32, height: in
                         weights.load_tokenizer(os.path.join(folder, "tokenizer_2"),
                                                kind="t5" if t5.config.model_type == "t5" else "clip"), max_length)
         vae = weights.load_vae(os.path.join(folder, "vae"), dtype, device)
-        backbone = Backbone("flow", model)
+        backbone = Flow(model)
         steps, guidance = steps or 28, 3.5 if guidance is None else guidance
     else:
         if os.path.isdir(path):
@@ -269,7 +247,7 @@ def load(path: str, device="cpu", dtype: torch.dtype = torch.float32, height: in
             schedule = sampler.VPSchedule.from_config(scheduler)
         except (KeyError, TypeError) as e:
             raise WeightsError(f"{path}: unreadable scheduler settings: {e}") from None
-        backbone, shift = Backbone("vp", unet, schedule), True
+        backbone, shift = VP(unet, schedule), True
         steps, guidance = steps or 50, 7.5 if guidance is None else guidance
     size = default_size(vae, arch)
     return Pipeline(backbone, vae, text, height or size, width or height or size, steps, guidance, shift)

@@ -92,8 +92,11 @@ class VPSchedule:
         return [(t, t - self.T // steps) for t in self.timesteps(steps).tolist()]
 
     def alpha_bar_at(self, t: int | torch.Tensor) -> torch.Tensor:
-        t = int(t)
-        return self.alpha_bar[t] if t >= 0 else self.final_alpha_bar
+        """alpha_bar_t of one timestep or a tensor of them; t < 0 means "before t = 0" (DDIM's last step lands
+        there: final_alpha_bar)."""
+        t = torch.as_tensor(t)
+        ab = self.alpha_bar.to(t.device)[t.long().clamp_min(0)]
+        return torch.where(t >= 0, ab, self.final_alpha_bar.to(t.device))
 
 
 def predict_x0(x_t: torch.Tensor, pred: torch.Tensor, alpha_bar_t: torch.Tensor, prediction_type: str = "epsilon"):

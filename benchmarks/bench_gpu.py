@@ -115,7 +115,7 @@ def flux_slice(device, dtype, runs: int, tiny: bool) -> dict:
     from diffusers import FluxTransformer2DModel
 
     import weights_flux
-    from backbone import Backbone
+    from backbone import Flow
     from flux import Flux
     from sampler import flux_cond, image_ids
     kw = dict(num_layers=2, num_single_layers=2, attention_head_dim=128, num_attention_heads=24,
@@ -134,7 +134,7 @@ def flux_slice(device, dtype, runs: int, tiny: bool) -> dict:
     side = int(n_img ** 0.5)
     cond = flux_cond(txt, y, image_ids(1, 2 * side, 2 * side, device), 3.5)
     t = torch.full((1,), 0.5, device=device)
-    bb = Backbone("flow", model)
+    bb = Flow(model)
     ha = H.HyperAlign(H.HyperConfig.preset("toy-flux" if tiny else "flux-dev"), bb).to(device)
     with torch.no_grad():
         params = ha.prepared(ha.factors(x, t, cond))

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hyperalign as H  # noqa: E402
-from backbone import Backbone  # noqa: E402
+from backbone import VP  # noqa: E402
 import sampler  # noqa: E402
 from unet import make_unet  # noqa: E402
 
@@ -60,7 +60,7 @@ def build(preset: str, device: str, dtype: torch.dtype, rank: int | None) -> H.H
         torch.nn.init.normal_(p, std=0.02)
     unet = unet.to(dtype).eval().requires_grad_(False)
     cfg = H.HyperConfig.preset("toy-sd" if preset == "toy-sd" else "sd15", **({"rank": rank} if rank else {}))
-    ha = H.HyperAlign(cfg, Backbone("vp", unet, sampler.VPSchedule.from_config(None))).to(device)
+    ha = H.HyperAlign(cfg, VP(unet, sampler.VPSchedule.from_config(None))).to(device)
     with torch.no_grad():                                   # a non-zero LoRA, as after training
         for p in ha.hypernet.decoder.head.parameters():
             p.add_(1e-3 * torch.randn_like(p))

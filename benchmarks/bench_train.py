@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hyperalign as H  # noqa: E402
-from backbone import Backbone  # noqa: E402
+from backbone import VP, Flow  # noqa: E402
 import sampler  # noqa: E402
 from flux import Flux, FluxConfig  # noqa: E402
 from unet import make_unet  # noqa: E402
@@ -94,7 +94,7 @@ def build_sd(size: int, device, dtype):
     with torch.device("meta"):
         unet, vae = make_unet("sd15"), make_vae("sd")
     unet, vae = randomise(unet, device, dtype), randomise(vae, device, dtype)
-    backbone = Backbone("vp", unet, sampler.VPSchedule.from_config(None))
+    backbone = VP(unet, sampler.VPSchedule.from_config(None))
     lat = size // 8
     x_t = torch.randn(1, 4, lat, lat).to(device)                                    # (B, C, h, w)
     cond = torch.randn(1, 77, 768).to(device)                                       # CLIP-L hidden states
@@ -115,7 +115,7 @@ def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dty
     with torch.device("meta"):
         model, vae = Flux(cfg), make_vae("flux")
     model, vae = randomise(model, device, dtype), randomise(vae, device, dtype)
-    backbone = Backbone("flow", model)
+    backbone = Flow(model)
     h = w = size // 8                                                               # latent (16, h, w)
     x_t = sampler.pack(torch.randn(1, 16, h, w)).to(device)                         # (B, h w / 4, 64)
     cond = sampler.flux_cond(torch.randn(1, txt_tokens, 4096).to(device), torch.randn(1, 768).to(device),

@@ -5,7 +5,7 @@ from PIL import Image
 import hyperalign as H
 import pipeline
 import sampler
-from backbone import Backbone
+from backbone import VP, Flow
 from flux import Flux, FluxConfig
 from unet import make_unet
 from vae import make_vae
@@ -25,10 +25,10 @@ def tiny_pipe(kind: str = "vp", steps: int = 4, guidance: float = 3.0, seed: int
 
     if kind == "vp":
         unet = make_unet("toy-sd").eval().requires_grad_(False)
-        return pipeline.Pipeline(Backbone("vp", unet, sampler.VPSchedule.from_config(None)), vae,
+        return pipeline.Pipeline(VP(unet, sampler.VPSchedule.from_config(None)), vae,
                                  lambda p: emb(ids(p)), 16, 16, steps, guidance)
     flux = Flux(FluxConfig.preset("flux-tiny")).eval().requires_grad_(False)
-    return pipeline.Pipeline(Backbone("flow", flux), vae, lambda p: (emb(ids(p)), emb(ids(p)).mean(1)), 16, 16,
+    return pipeline.Pipeline(Flow(flux), vae, lambda p: (emb(ids(p)), emb(ids(p)).mean(1)), 16, 16,
                              steps, 3.5)
 
 
