@@ -69,8 +69,8 @@ class RunConfig:
     batch_size: int = field(default=4, metadata={"help": "samples per step and process (torchrun: N x this)"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (chosen on the toy val split)"})
     lambda_reg: float = field(default=1.0, metadata={"help": "λ, the weight of L_G (0: reward only)"})
-    reward_from: float = field(default=0.5, metadata={"help": "L_R at steps from this fraction of the trajectory "
-                                                               "on (0: every step)"})
+    reward_from: float = field(default=0.25, metadata={"help": "L_R at steps from this fraction of the trajectory "
+                                                                "on (0: every step; chosen on the toy val split)"})
     reward_mode: str = field(default="one-step", metadata={
         "help": "one-step: L_R on x0_hat at a rolled-out x_t (the paper); direct-align: at a rolled-out x0 noised "
                 "with a known eps, recovered after one step (SRPO)", "choices": REWARD_MODES})
@@ -135,7 +135,8 @@ class RunConfig:
 
 
 # Settings of the toy tables beside RunConfig's defaults, chosen on the 'val' split by `python evaluate.py --search`
-# (docs/results/search.json, the same grid for both methods): the static LoRA's own, and guidance's step ρ.
+# (docs/results/search.json: where L_R is taken, then the learning rate of each method): the static LoRA's own lr,
+# and guidance's step ρ. RunConfig's reward_from (0.25) and lr (1e-4) are HyperAlign-I's choices.
 STATIC: dict = {"lr": 3e-4}
 GUIDANCE_RHO = 0.3
 

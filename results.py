@@ -205,7 +205,9 @@ def blocks(results: str) -> dict[str, str]:
         if "pairs_comp_unseen_positions" in m:
             out["composition"] = composition_table(m)
     for name, path, render_table in (("batch-cost", os.path.join(ROOT, "benchmarks", "results", "sampling-batch.json"),
-                                      batch_cost_table),):
+                                      batch_cost_table),
+                                     ("toy-world-v1", os.path.join(results, "toy-world-v1.json"),
+                                      lambda m: toy_table(m, "docs/results/toy-world-v1.json"))):
         if os.path.isfile(path):
             out[name] = render_table(files.read_json(path, f"{name} results"))
     return out
@@ -226,7 +228,7 @@ def analysis_table(a: dict) -> str:
                      [f"| {k} | {v} |" for k, v in rows])
 
 
-def toy_table(m: dict) -> str:
+def toy_table(m: dict, source: str = "assets/toy/metrics.json") -> str:
     """assets/toy/metrics.json (`python -m toy build`): how good the shipped toy models are."""
     pct = lambda k: f"{m[k]:.0%}" if k in m else "—"
     judge = lambda model, split: " / ".join(pct(f"{model}_{split}_{k}") for k in JUDGE_PARTS)
@@ -241,7 +243,7 @@ def toy_table(m: dict) -> str:
     if "cond_flip" in m:
         rows.append(("U-Net text context, relative change: relation flipped / axis changed", "—",
                      f"{m['cond_flip']:.3f} / {m['cond_axis']:.3f}", "—"))
-    return "\n".join(["| measured (`assets/toy/metrics.json`) | train prompts | unseen | held-out prompts |",
+    return "\n".join([f"| measured (`{source}`) | train prompts | unseen | held-out prompts |",
                       "|---|---|---|---|"] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows])
 
 
@@ -249,6 +251,7 @@ JUDGE_PARTS = ("overall", "position", "binding", "count")
 COMPOSITION = [("positions", "the same layout, the objects' positions exchanged (the relation reversed)"),
                ("colours", "the same layout, the objects' colours exchanged (a binding error)"),
                ("missing", "the same layout, one object left out"),
+               ("morph", "the same layout, one object's outline blended 30-70% towards another shape"),
                ("flip", "the caption's relation flipped"), ("swap", "the caption's colours swapped"),
                ("count", "one object of the caption"), ("attribute", "one colour or shape of the caption changed")]
 
@@ -262,8 +265,13 @@ def composition_table(m: dict) -> str:
     lines = ["| the truth against | " + " | ".join(f"{label}: unseen / held-out" for _, label in names) + " |",
              "|---|" + "---|" * len(names)]
     for kind, what in COMPOSITION:
-        cells = [f"{m[f'pairs_{n}_unseen_{kind}']:.0%} / {m[f'pairs_{n}_heldout_{kind}']:.0%}" for n, _ in names]
+        cells = [f"{m[f'pairs_{n}_unseen_{kind}']:.0%} / {m[f'pairs_{n}_heldout_{kind}']:.0%}"
+                 if f"pairs_{n}_unseen_{kind}" in m else "—" for n, _ in names]
         lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    if "samples_comp_auc" in m:
+        lines.append(f"| **on toy SD's own samples** ('unseen' x 2; {m['samples_bound_rate']:.0%} of them right by the "
+                     "judge): AUC of the score for the judge's verdict (0.5: blind to it) | " +
+                     " | ".join(f"{m[f'samples_{n}_auc']:.2f}" for n, _ in names) + " |")
     return "\n".join(lines)
 
 
