@@ -18,6 +18,7 @@ Shape alphabet: B batch, L feature tokens, F feature width, S text tokens, E emb
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,12 @@ def pool_tokens(x: Tensor, n: int = POOL * POOL) -> Tensor:
         grid = rearrange(x, "B (h w) F -> B F h w", h=side)
         return rearrange(F.adaptive_avg_pool2d(grid, POOL), "B F h w -> B (h w) F")
     return F.adaptive_avg_pool1d(x.transpose(1, 2), n).transpose(1, 2)
+
+
+def gaussian_logprob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; mean, std² I), averaged over every dimension but the batch (as DDPO and Flow-GRPO take it): (B,)."""
+    lp = -(x.detach() - mean) ** 2 / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=tuple(range(1, lp.dim())))
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
@@ -146,6 +153,21 @@ class VP(Backbone):
         """One DDIM update x_t -> x_{t_next} (the paper's Eq. 4): (x_next, x0_hat)."""
         return sampler.ddim_step(x_t, pred, t, t_next, self.schedule, eta, generator)
 
+    def step_logprob(self, x_t: Tensor, pred: Tensor, t: Tensor, t_next: Tensor, eta: float = 1.0,
+                     generator=None, x_next: Tensor | None = None, t_cap: float | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One stochastic DDIM step (Song et al. 2021 eq. 12 with sigma from eq. 16, η > 0) and the log-probability of
+        its outcome, as DDPO takes it (ddim_step_with_logprob): (x_next, log p(x_next | x_t) (B,), mean, std). t and
+        t_next are (B,) tensors; given `x_next`, its log-probability under this prediction (GRPO's ratio). `t_cap`
+        is Flow's (the same interface); DDIM has no singular step."""
+        ab, ab_prev = self._ab(t, x_t), self._ab(t_next, x_t)
+        x0_hat, eps = sampler.predict_x0(x_t.float(), pred.float(), ab, self.schedule.prediction_type)
+        std = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        mean = ab_prev.sqrt() * x0_hat + (1 - ab_prev - std ** 2).clamp_min(0).sqrt() * eps
+        if x_next is None:
+            x_next = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return x_next, gaussian_logprob(x_next, mean, std.expand_as(mean)), mean, std
+
     def sample(self, model: Callable, x_T: Tensor, cond, uncond, steps: int, guidance: float, shift: bool,
                eta: float = 0.0, generator=None, trajectory: bool = True, progress: bool = False):
         return sampler.ddim_sample(model, x_T, cond, self.schedule, steps, uncond=uncond, guidance=guidance, eta=eta,
@@ -216,6 +238,24 @@ class Flow(Backbone):
     def step(self, x_t: Tensor, pred: Tensor, t, t_next, eta: float = 0.0, generator=None) -> tuple[Tensor, Tensor]:
         """One Euler step of the flow ODE: (x_next, x0_hat)."""
         return sampler.flow_step(x_t, pred, t, t_next)
+
+    def step_logprob(self, x_t: Tensor, pred: Tensor, t: Tensor, t_next: Tensor, eta: float = 0.7,
+                     generator=None, x_next: Tensor | None = None, t_cap: float | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One step of Flow-GRPO's SDE (sde_step_with_logprob, Liu et al. 2025), the reverse-time SDE whose marginals
+        are the flow's, with noise level a = `eta`: std_t = a sqrt(t / (1 - t)), dt = t_next - t (< 0),
+            mean = x (1 + std² dt / (2t)) + v (1 + std² (1 - t) / (2t)) dt,   x_next = mean + std sqrt(-dt) z;
+        -> (x_next, log p(x_next | x_t) (B,), mean, std sqrt(-dt)). At t = 1 the (1 - t) in std uses `t_cap`, the
+        schedule's second time, as Flow-GRPO does."""
+        t, t_next = _per_sample(t, x_t).float(), _per_sample(t_next, x_t).float()
+        denom = 1 - torch.where(t == 1, torch.full_like(t, t_cap if t_cap is not None else 1 - 1e-3), t)
+        std, dt = eta * (t / denom).sqrt(), t_next - t
+        x, v = x_t.float(), pred.float()
+        mean = x * (1 + std ** 2 / (2 * t) * dt) + v * (1 + std ** 2 * (1 - t) / (2 * t)) * dt
+        scale = std * (-dt).sqrt()
+        if x_next is None:
+            x_next = mean + scale * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return x_next, gaussian_logprob(x_next, mean, scale.expand_as(mean)), mean, scale
 
     def sample(self, model: Callable, x_T: Tensor, cond, uncond, steps: int, guidance: float, shift: bool,
                eta: float = 0.0, generator=None, trajectory: bool = True, progress: bool = False):

@@ -5,8 +5,12 @@ hypernetwork is, on the same targets, rank, prompts, step seeds, L_R + λ L_G an
 where Δθ comes from. It is the paper's "fine-tuning" contrast, DRaFT-1-like (the reward gradient through the last
 model call only).
 
-Direct-Align / SRPO (seed 002) is the same script with SRPO's settings:
+The same LoRA trained with the paper's other fine-tuning baselines' own losses (finetune.py; the authors' defaults):
     python baselines.py --reward-mode direct-align --reward rel-toy-comp --reward-from 0 --lambda-reg 0 --out DIR
+                                                            # Direct-Align + SRPO's relative reward (seed 002)
+    python baselines.py --objective dpo --lambda-reg 0 --out DIR     # Diffusion-DPO on --prefs' pairs (β 5000)
+    python baselines.py --objective kto --lambda-reg 0 --out DIR     # Diffusion-KTO, chosen / rejected images (β 1000)
+    python baselines.py --objective grpo --lambda-reg 0 --out DIR    # GRPO: DDPO (VP) / Flow-GRPO (flow) on --reward
 
 Writes DIR (--out) as train.py does: config.json, checkpoints, metrics.jsonl, metrics.json, samples.png; sample.py
 --hyper DIR and evaluate.py read it like a HyperAlign run.

@@ -29,6 +29,8 @@ from toy import world
 
 PRESET_NAMES = ("toy-sd", "toy-flux", "sd15", "flux-dev")
 REWARD_MODES = ("one-step", "direct-align")
+OBJECTIVES = ("hyperalign", "dpo", "kto", "grpo")
+BASELINE_FLAGS = ("objective", "beta", "grpo_group", "grpo_clip", "grpo_kl", "grpo_eta", "grpo_fraction")  # baselines.py
 DTYPES = ("float32", "bfloat16", "float16")
 # every reward a spec may name: the real ones and the toy world's (an explicit table; nothing registers on import)
 REWARDS = {**rewards.REWARDS, **imagereward.REWARDS, **toy_rewards.REWARDS}
@@ -74,6 +76,18 @@ class RunConfig:
     reward_mode: str = field(default="one-step", metadata={
         "help": "one-step: L_R on x0_hat at a rolled-out x_t (the paper); direct-align: at a rolled-out x0 noised "
                 "with a known eps, recovered after one step (SRPO)", "choices": REWARD_MODES})
+    # ---- the baselines' objectives (baselines.py; finetune.py): the static LoRA trained with another loss
+    objective: str = field(default="hyperalign", metadata={
+        "help": "hyperalign: L_R + λ L_G (train.py; baselines.py's static LoRA); dpo: Diffusion-DPO; kto: "
+                "Diffusion-KTO; grpo: DDPO / Flow-GRPO", "choices": OBJECTIVES})
+    beta: float | None = field(default=None, metadata={"help": "DPO / KTO β (default: the authors' 5000 / 1000)"})
+    grpo_group: int = field(default=4, metadata={"help": "GRPO: samples per prompt"})
+    grpo_clip: float = field(default=1e-4, metadata={"help": "GRPO: PPO clip range (DDPO, Flow-GRPO: 1e-4)"})
+    grpo_kl: float = field(default=0.0, metadata={"help": "GRPO: weight of the KL to the base model (Flow-GRPO "
+                                                            "0.01-0.04; DDPO, DanceGRPO: 0)"})
+    grpo_eta: float | None = field(default=None, metadata={"help": "GRPO: sampler noise (default: DDIM η 1 for VP, "
+                                                                   "Flow-GRPO's 0.7 for flow)"})
+    grpo_fraction: float = field(default=0.6, metadata={"help": "GRPO: share of the steps trained on (DanceGRPO)"})
     seed: int = field(default=0, metadata={"help": "training seed"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every this many steps"})
     grad_ckpt: bool = field(default=False, metadata={"help": "gradient checkpointing in the frozen model"})
@@ -99,12 +113,13 @@ class RunConfig:
     def check(self) -> "RunConfig":
         """Refuse settings that cannot run, naming the flag (ValueError: the scripts exit 2 with it)."""
         positive = ("steps", "batch_size", "save_every", "key_steps", "eval_seeds", "eval_batch", "n_eval",
-                    "sample_steps", "rank", "resolution", "threads")
+                    "sample_steps", "rank", "resolution", "threads", "grpo_group")
         for name in positive:
             v = getattr(self, name)
             if v is not None and v < (0 if name == "steps" else 1):
                 raise ValueError(f"--{flag(name)} must be positive, got {v}")
-        for name in ("lr", "lambda_reg", "reward_from", "guidance"):     # NaN passes every comparison: refuse it
+        for name in ("lr", "lambda_reg", "reward_from", "guidance", "beta", "grpo_clip", "grpo_kl", "grpo_eta",
+                     "grpo_fraction"):                                  # NaN passes every comparison: refuse it
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"--{flag(name)} must be a finite number, got {v}")
@@ -114,10 +129,14 @@ class RunConfig:
             raise ValueError(f"--reward-from must be in [0, 1), got {self.reward_from}")
         if self.guidance is not None and self.guidance < 0:
             raise ValueError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.grpo_group < 2 or not 0 < self.grpo_fraction <= 1 or min(self.grpo_clip, self.grpo_kl) < 0 or \
+                (self.beta is not None and self.beta <= 0) or (self.grpo_eta is not None and self.grpo_eta <= 0):
+            raise ValueError("GRPO needs --grpo-group >= 2, --grpo-fraction in (0, 1], --grpo-clip / --grpo-kl >= 0 "
+                             "and --grpo-eta > 0; --beta must be > 0")
         if not 0 <= self.seed < 2 ** 32:      # step seeds are seed * 1_000_003 + step: they must fit a generator's
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         for name, choices in (("variant", VARIANTS), ("reward_mode", REWARD_MODES), ("dtype", DTYPES),
-                              ("reward_dtype", DTYPES)):
+                              ("reward_dtype", DTYPES), ("objective", OBJECTIVES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("model", "prompts", "reward"):
@@ -127,8 +146,8 @@ class RunConfig:
             rewards.parse_spec(self.reward, REWARDS)
         if not self.no_eval and not self.eval_prompts:
             raise ValueError("--eval-prompts is required (held-out prompts to score the run on), or pass --no-eval")
-        if self.lambda_reg > 0 and not self.prefs:
-            raise ValueError("--prefs is required for L_G (or pass --lambda-reg 0)")
+        if (self.lambda_reg > 0 or self.objective in ("dpo", "kto")) and not self.prefs:
+            raise ValueError("--prefs is required for L_G and for DPO / KTO (or pass --lambda-reg 0)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
         return self

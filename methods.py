@@ -5,9 +5,10 @@
                 (x_t, t, c). With the one-step reward it is a DRaFT-1-style fine-tune (gradient through the last model
                 call only), not AlignProp (which backpropagates through the whole sampling chain).
                 With --reward-mode direct-align and SRPO's relative reward it is the Direct-Align / SRPO baseline.
-  Best-of-N     N base samples per prompt, keep the one the reward scores highest (test-time, N x the cost).
-  guidance      gradient guidance on the latent through the one-step prediction (FreeDoM-style test-time alignment,
-                without FreeDoM's time travel): after every sampler step, x_{t-1} += ρ·(step size)·∇r / |∇r|.
+  Oracle        one static LoRA per prompt group, each sample's picked by reading its prompt: what adapting to
+                the prompt by group can add at most (docs/results.md §6).
+The test-time methods (Best-of-N, gradient guidance, ε-greedy search, FreeDoM) are in testtime.py, the paper's other
+fine-tuning baselines (Diffusion-DPO, Diffusion-KTO, GRPO) in finetune.py.
 
 Shape alphabet: B samples, N candidates (Best-of-N), R rank, I / O in / out features; latents x in the pipeline's
 model space ((B, C, H, W) for VP, packed tokens (B, L, C) for flow).
@@ -24,7 +25,6 @@ from torch import Tensor, nn
 import lora
 from backbone import Backbone
 from hyperalign import HyperConfig, frozen_targets
-from pipeline import Pipeline
 
 
 # ------------------------------------------------------------------------------------------------------- static LoRA
@@ -92,46 +92,3 @@ class Oracle:
                        for n in each[0]}
             weights = lora.prepare(self.backbone.model, factors, self.cfg.scale)
         return lambda x_t, t, c: self.backbone.forward(weights, x_t, t, c)
-
-
-# -------------------------------------------------------------------------------------------------- test-time methods
-
-@torch.no_grad()
-def best_of_n(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, model: Callable | None = None
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Best-of-N: x_T (N, B, ...) candidate noises; sample each with the base model, keep the best by `reward`.
-    Returns (images (B, 3, H, W), scores (N, B), picked (B,) candidate index)."""
-    images = torch.stack([pipe.generate(prompts, x, model) for x in x_T])          # (N, B, 3, H, W)
-    scores = torch.stack([reward(img, prompts).float() for img in images])        # (N, B)
-    picked = scores.argmax(0)                                                     # (B,)
-    return images[picked, torch.arange(len(prompts))], scores, picked
-
-
-def guidance_sample(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, rho: float = 1.0,
-                    model: Callable | None = None, trajectory: bool = False):
-    """Gradient guidance through the one-step prediction (FreeDoM, Yu et al. 2023; the paper's Eq. 6):
-
-        g_t     = ∇_{x_t} r(D(x0_hat(x_t)), c)          through the (CFG-guided) model, decoder and reward
-        x_{t-1} = step(x_t) + ρ · |step(x_t) − x_t| · g_t / |g_t|   (per sample)
-
-    NOTE: FreeDoM scales ρ_t by the gradient norm; ours scales the unit gradient by the sampler's own step length, so ρ
-    is dimensionless (the same ρ works for VP and flow). FreeDoM's time-travel (re-noising) is left out, and DyMO's
-    dynamic weighting too: this is the plain guidance row, neither method in full.
-    Returns the final latent x_0 (model space), or (x_0, {"x_t": (N+1, B, ...)}).
-    """
-    import sampler
-    model = model or pipe.backbone
-    cond, uncond = pipe.conds(prompts)
-    x_t, xs = x_T, [x_T]
-    for t, t_next in pipe.pairs():
-        t_b = pipe.t_batch(t, x_t.shape[0], x_t.device)
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
-            pred = sampler.guided(model, x, t_b, cond, uncond, pipe.guidance)
-            r = reward(pipe.decode(pipe.backbone.x0_hat(x, t_b, pred), clamp=False), prompts)
-            g, = torch.autograd.grad(r.sum(), x)
-        x_next, _ = pipe.step(x_t, pred.detach(), t, t_next)
-        norm = lambda z: z.flatten(1).norm(dim=1).view(-1, *[1] * (z.dim() - 1))  # noqa: E731  (B, 1, ...)
-        x_t = x_next + rho * norm(x_next - x_t) * g / norm(g).clamp_min(1e-12)
-        xs.append(x_t)
-    return (x_t, {"x_t": torch.stack(xs)}) if trajectory else x_t

@@ -314,17 +314,19 @@ def pref_batches(pairs: Iterable[PrefPair], batch_size: int, resolution: int, re
         yield collate(buf)
 
 
-def stream(reader, batch_size: int, resolution: int, skip_batches: int = 0, ctx=None) -> Iterator[dict]:
-    """Endless batches of preferred images for L_G, epoch after epoch, the first `skip_batches` skipped (a resumed run
-    continues where it stopped). Under torchrun (`ctx`, a distributed.Context) each rank gets its `batch_size` rows of
-    every global batch of pairs. An epoch with fewer pairs than one global batch is an error."""
+def stream(reader, batch_size: int, resolution: int, skip_batches: int = 0, ctx=None, rejected: bool = False
+           ) -> Iterator[dict]:
+    """Endless batches of preferred images for L_G (and the rejected ones too, for DPO / KTO), epoch after epoch, the
+    first `skip_batches` skipped (a resumed run continues where it stopped). Under torchrun (`ctx`, a
+    distributed.Context) each rank gets its `batch_size` rows of every global batch of pairs. An epoch with fewer
+    pairs than one global batch is an error."""
     ctx = ctx or distributed.Context()
 
     def epochs():
         while True:
             pairs = distributed.deal(iter(reader), batch_size, ctx)
             n = 0
-            for n, batch in enumerate(pref_batches(pairs, batch_size, resolution, drop_last=True), 1):
+            for n, batch in enumerate(pref_batches(pairs, batch_size, resolution, rejected, drop_last=True), 1):
                 yield batch
             if n == 0:
                 raise PrefsError(f"preference data {reader!r}: fewer pairs than one batch of {batch_size * ctx.world}")

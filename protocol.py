@@ -33,6 +33,7 @@ import methods
 import rundir
 import runs
 import scoring
+import testtime
 from config import RunConfig
 from toy import judge as toy_judge
 from toy import world
@@ -57,10 +58,11 @@ SCORE = "toy-comp,toy-ir,toy-pref,toy-clip"   # the reward columns of the toy ta
 @dataclass
 class Row:
     name: str
-    kind: str                                  # "base", "hyperalign", "static", "best-of-n", "guidance", "averaged"
+    kind: str        # "base", "hyperalign", "static", "oracle", "averaged", "best-of-n", "guidance", "eps-greedy", "freedom"
     over: dict = field(default_factory=dict)   # RunConfig settings over the defaults (trained rows)
     models: tuple[str, ...] = ("toy-sd", "toy-flux")
     of: str = ""                               # "averaged": the slug of the HyperAlign row whose runs it averages
+    samples: tuple[int, int] | None = None     # (unseen, heldout) samples per prompt, where not the protocol's
 
     @property
     def slug(self) -> str:
@@ -83,6 +85,12 @@ ROWS = [
     Row("toy-clip reward, with L_G", "hyperalign", {"reward": "toy-clip"}, ("toy-sd",)),
     Row("HyperAlign-S, LoRA averaged", "averaged", {"variant": "S"}, of="hyperalign-s"),
     Row("HyperAlign-I, LoRA averaged", "averaged", {"variant": "I"}, of="hyperalign-i"),
+    # the paper's other baselines (finetune.py, testtime.py): the same LoRA with its authors' losses; test-time search
+    Row("Diffusion-DPO", "static", {**config.STATIC, "objective": "dpo", "lambda_reg": 0.0}, ("toy-sd",)),
+    Row("Diffusion-KTO", "static", {**config.STATIC, "objective": "kto", "lambda_reg": 0.0}, ("toy-sd",)),
+    Row("GRPO", "static", {**config.STATIC, "objective": "grpo", "lambda_reg": 0.0}),
+    Row("ε-greedy search (N 4, K 2)", "eps-greedy", {"n": 4, "k": 2}, ("toy-sd",), samples=(1, 0)),
+    Row("FreeDoM", "freedom", {}, ("toy-sd",)),
     # can adapting pay? one static LoRA per prompt group, picked by an oracle reading the prompt (methods.Oracle)
     Row("oracle: a LoRA per relation", "oracle", {**config.STATIC, "group": "relation"}, ("toy-sd",)),
     Row("oracle: a LoRA per shape set", "oracle", {**config.STATIC, "group": "shapes"}, ("toy-sd",)),
@@ -129,17 +137,29 @@ def oracle(row: Row, cfg: RunConfig, pipe, rewards: "Rewards"):
     return methods.Oracle(loras, lambda q: world.group(q, grouping), pipe.backbone), time.time() - t0
 
 
+def search_gen(pipe, reward, over: dict) -> Callable:
+    """ε-greedy noise search (testtime.epsilon_greedy), its noise seeded from the batch's seed."""
+    return lambda prompts, x_T, seed: pipe.decode(testtime.epsilon_greedy(
+        pipe, reward, prompts, x_T, generator=torch.Generator().manual_seed(2_000_000 + seed), **over))
+
+
+def freedom_gen(pipe, reward) -> Callable:
+    """FreeDoM as published (testtime.freedom), its DDPM noise seeded from the batch's seed."""
+    return lambda prompts, x_T, seed: pipe.decode(testtime.freedom(
+        pipe, reward, prompts, x_T, generator=torch.Generator().manual_seed(3_000_000 + seed)))
+
+
 def best_of_n_gen(pipe, reward, n: int) -> Callable:
     """Candidate 0 is the row's own x_T (so BoN is never worse than base on the reward); the others from seed."""
     def generate(prompts, x_T, seed):
         g = torch.Generator().manual_seed(1_000_000 + seed)
         xs = torch.stack([x_T] + [pipe.noise(len(prompts), g) for _ in range(n - 1)])
-        return methods.best_of_n(pipe, reward, prompts, xs)[0]
+        return testtime.best_of_n(pipe, reward, prompts, xs)[0]
     return generate
 
 
 def guidance_gen(pipe, reward, rho: float) -> Callable:
-    return lambda prompts, x_T, seed: pipe.decode(methods.guidance_sample(pipe, reward, prompts, x_T, rho))
+    return lambda prompts, x_T, seed: pipe.decode(testtime.guidance_sample(pipe, reward, prompts, x_T, rho))
 
 
 def trained(kind: str, cfg: RunConfig, **given):
@@ -170,10 +190,12 @@ class Rewards:
         return self.cache[spec]
 
 
-def score_row(generate: Callable, pipe, p: "Protocol", score, embed, desc: str) -> dict:
-    """A row's figures on the protocol's sets: every 'unseen' prompt x sample seeds, every 'heldout' prompt x 1."""
+def score_row(generate: Callable, pipe, p: "Protocol", score, embed, desc: str,
+              samples: tuple[int, int] | None = None) -> dict:
+    """A row's figures on the protocol's sets: every 'unseen' prompt x sample seeds, every 'heldout' prompt x 1
+    (`samples`: other counts, for a row too slow for the whole protocol)."""
     out = {}
-    for split, seeds in (("unseen", p.sample_seeds), ("heldout", p.heldout_seeds)):
+    for split, seeds in zip(("unseen", "heldout"), samples or (p.sample_seeds, p.heldout_seeds)):
         if seeds:
             ps = world.eval_prompts(split, p.n_prompts)
             out[split] = scoring.measure(generate, pipe, ps, list(range(seeds)), score, toy_judge.judge, embed,
@@ -191,13 +213,17 @@ def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict
         "unseen": f"{len(world.eval_prompts('unseen', p.n_prompts))} prompts x {p.sample_seeds} sample seeds",
         "heldout": f"{len(world.eval_prompts('heldout', p.n_prompts))} prompts x {p.heldout_seeds}",
         "score": SCORE}, "seeds": {}}
-    if row.kind in ("base", "best-of-n", "guidance"):                       # nothing trained: one entry
+    if row.kind in ("base", "best-of-n", "guidance", "eps-greedy", "freedom"):   # nothing trained: one entry
         train_reward = rewards(base_cfg.reward)
         generate = {"base": lambda: sample_with(pipe, lambda c: pipe.backbone),
                     "best-of-n": lambda: best_of_n_gen(pipe, train_reward, row.over.get("n", 8)),
-                    "guidance": lambda: guidance_gen(pipe, train_reward, row.over.get("rho", 1.0))}[row.kind]()
+                    "guidance": lambda: guidance_gen(pipe, train_reward, row.over.get("rho", 1.0)),
+                    "eps-greedy": lambda: search_gen(pipe, train_reward, row.over),
+                    "freedom": lambda: freedom_gen(pipe, train_reward)}[row.kind]()
         record["settings"] = {"reward": base_cfg.reward, **row.over}
-        record["seeds"]["-"] = score_row(generate, pipe, p, score, embed, row.name)
+        record["seeds"]["-"] = score_row(generate, pipe, p, score, embed, row.name, row.samples)
+        if row.samples:
+            record["protocol"]["unseen"] = f"{record['protocol']['unseen'].split(' x ')[0]} x {row.samples[0]}"
         return record
     over = {k: v for k, v in row.over.items() if k != "group"}
     for seed in p.train_seeds:

@@ -111,7 +111,11 @@ def claims(rows: dict[str, dict]) -> str:
              ("HyperAlign-I", "ablation: L_R only (λ = 0)"), ("toy-clip reward, no L_G", "base"),
              ("toy-clip reward, with L_G", "base"), ("toy-clip reward, no L_G", "toy-clip reward, with L_G"),
              ("HyperAlign-S", "HyperAlign-S, LoRA averaged"), ("HyperAlign-I", "HyperAlign-I, LoRA averaged"),
-             ("HyperAlign-S, LoRA averaged", "static LoRA"), ("Best-of-8", "base"), ("guidance", "base")]
+             ("HyperAlign-S, LoRA averaged", "static LoRA"), ("Best-of-8", "base"), ("guidance", "base"),
+             ("HyperAlign-S", "Diffusion-DPO"), ("HyperAlign-S", "Diffusion-KTO"), ("HyperAlign-S", "GRPO"),
+             ("HyperAlign-I", "GRPO"), ("HyperAlign-S", "ε-greedy search (N 4, K 2)"), ("HyperAlign-S", "FreeDoM"),
+             ("Diffusion-DPO", "base"), ("Diffusion-KTO", "base"), ("GRPO", "base"),
+             ("ε-greedy search (N 4, K 2)", "base"), ("FreeDoM", "base")]
     for a, b in pairs:
         for key in (reward, *JUDGE_KEYS) + (("reward/toy-clip", "saturation") if "toy-clip" in a else ()):
             line = diff(a, b, key)
@@ -175,7 +179,8 @@ def blocks(results: str) -> dict[str, str]:
         order = ["base", "HyperAlign-S", "HyperAlign-P", "HyperAlign-I", "static LoRA", "Best-of-8", "guidance",
                  "Direct-Align + SRPO reward", "ablation: L_R only (λ = 0)", "ablation: L_G only",
                  "toy-clip reward, no L_G", "toy-clip reward, with L_G", "HyperAlign-S, LoRA averaged",
-                 "HyperAlign-I, LoRA averaged"]
+                 "HyperAlign-I, LoRA averaged", "Diffusion-DPO", "Diffusion-KTO", "GRPO", "ε-greedy search (N 4, K 2)",
+                 "FreeDoM"]
         rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else 99)}
         proto = next(iter(rows.values()))["protocol"]
         main = {k: v for k, v in rows.items() if not any(h in k for h in HEADROOM_ROWS)}
@@ -195,9 +200,10 @@ def blocks(results: str) -> dict[str, str]:
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = render_table(files.read_json(path, f"{name} results"))
-    figures = os.path.join(ROOT, "docs", "figures", "analysis.json")
-    if os.path.isfile(figures):
-        out["analysis"] = analysis_table(files.read_json(figures, "analysis figures"))
+    for name, path in (("analysis", os.path.join(ROOT, "docs", "figures", "analysis.json")),
+                       ("analysis-v1", os.path.join(results, "analysis-v1.json"))):
+        if os.path.isfile(path):
+            out[name] = analysis_table(files.read_json(path, "analysis figures"), os.path.relpath(path, ROOT))
     toy = os.path.join(ROOT, "assets", "toy", "metrics.json")
     if os.path.isfile(toy):
         m = files.read_json(toy, "toy world metrics")
@@ -213,7 +219,7 @@ def blocks(results: str) -> dict[str, str]:
     return out
 
 
-def analysis_table(a: dict) -> str:
+def analysis_table(a: dict, source: str = "docs/figures/analysis.json") -> str:
     """docs/figures/analysis.json (analysis.py): how much the generated LoRA depends on its input."""
     f = lambda k, fmt="{:.3f}": fmt.format(a[k]) if k in a else "—"
     pca = a.get("pca_explained", [float("nan")] * 2)
@@ -224,7 +230,7 @@ def analysis_table(a: dict) -> str:
             ("Fig. 9: variance in PCA components 1 / 2", f"{pca[0]:.1%} / {pca[1]:.1%}"),
             ("Fig. 8: cos(Δθ at the last step, Δθ at the first), mean over prompts", f("cos_first_last")),
             ("Fig. 4: P's key steps from the curvature", ", ".join(map(str, a.get("key_steps", []))))]
-    return "\n".join(["| measured (`docs/figures/analysis.json`) | value |", "|---|---|"] +
+    return "\n".join([f"| measured (`{source}`) | value |", "|---|---|"] +
                      [f"| {k} | {v} |" for k, v in rows])
 
 

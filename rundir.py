@@ -163,7 +163,7 @@ def check_resume(out: str, cfg: RunConfig, method: str, world: int = 1) -> dict:
     saved = read_config(out)
     if saved.get("method") != method:
         raise RunError(f"--resume: {out} holds a {saved.get('method')} run, not {method}")
-    mine, theirs = cfg.to_dict(), saved.get("run", {})
+    mine, theirs = cfg.to_dict(), {**RunConfig().to_dict(), **saved.get("run", {})}   # a setting added since: its default
     changed = [f"--{flag(k)} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items()
                if k not in RESUMABLE and theirs.get(k) != v]
     if theirs.get("batch_size", 0) * saved.get("world", 1) != cfg.batch_size * world:

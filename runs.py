@@ -17,6 +17,7 @@ from tqdm import tqdm
 import config
 import distributed
 import files
+import finetune
 import hyperalign
 import losses
 import prefs
@@ -61,12 +62,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, reward, prompts: list[str],
         prefs_reader, cfg: RunConfig, step: int, ctx: distributed.Context = distributed.Context(),
         desc: str = "train") -> int:
-    """Train `module` (the trainable part of `method`) from `step` to cfg.steps with losses.training_step,
-    checkpointing into cfg.out. Non-finite values stop it before the optimiser step (the last good checkpoint stays).
-    Returns the number of steps run."""
+    """Train `module` (the trainable part of `method`) from `step` to cfg.steps with losses.training_step (or, for a
+    baseline's cfg.objective, finetune.step), checkpointing into cfg.out. Non-finite values stop it before the
+    optimiser step (the last good checkpoint stays). Returns the number of steps run."""
     net = distributed.wrap(module, ctx, pipe.device)  # DDP over the trainable part only; the frozen models are not
-    pref_iter = (prefs.stream(prefs_reader, cfg.batch_size, pipe.resolution, step, ctx)
-                 if prefs_reader is not None and cfg.lambda_reg > 0 else None)
+    pairs = cfg.objective in ("dpo", "kto")           # DPO and KTO learn from both images of a preference pair
+    pref_iter = (prefs.stream(prefs_reader, cfg.batch_size, pipe.resolution, step, ctx, rejected=pairs)
+                 if prefs_reader is not None and (cfg.lambda_reg > 0 or pairs) else None)
     log_path = os.path.join(cfg.out, rundir.LOG)
     if ctx.main and os.path.exists(log_path):     # a resumed run drops the lines after its checkpoint
         with open(log_path, encoding="utf-8") as f:
@@ -81,9 +83,12 @@ def fit(method, module: torch.nn.Module, opt: torch.optim.Optimizer, pipe, rewar
         opt.zero_grad(set_to_none=True)
         t0 = time.time()
         try:
-            log = losses.training_step(method, pipe, reward, batch, next(pref_iter) if pref_iter else None,
-                                       cfg.lambda_reg, gen, cfg.reward_from, cfg.reward_mode,
-                                       ctx.rows(cfg.batch_size), net)
+            pref = next(pref_iter) if pref_iter else None
+            if cfg.objective == "hyperalign":
+                log = losses.training_step(method, pipe, reward, batch, pref, cfg.lambda_reg, gen, cfg.reward_from,
+                                           cfg.reward_mode, ctx.rows(cfg.batch_size), net)
+            else:
+                log = finetune.step(cfg, method, pipe, reward, batch[ctx.rows(cfg.batch_size)], pref, gen, net)
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"gradient norm is {grad_norm.item()}")
@@ -146,7 +151,7 @@ def load_inputs(cfg: RunConfig, resume: bool, overwrite: bool, pipe=None, reward
     prompts = config.read_prompts(cfg.prompts)
     sets = {} if cfg.no_eval else config.eval_sets(cfg)
     reward = reward or config.load_reward(cfg.reward, cfg.reward_tokenizer, device, cfg.reward_dtype)
-    if prefs_reader is None and cfg.lambda_reg > 0:
+    if prefs_reader is None and (cfg.lambda_reg > 0 or cfg.objective in ("dpo", "kto")):
         prefs_reader = config.load_prefs(cfg, prompts, [p for ps in sets.values() for p in ps])
         if next(iter(prefs_reader), None) is None:  # readers are lazy: read one pair now, before a file is touched
             raise RunError(f"--prefs {cfg.prefs}: no preference pair to train L_G on (after dropping held-out prompts)")
@@ -213,7 +218,8 @@ def train(kind: str, cfg: RunConfig, resume: bool = False, overwrite: bool = Fal
         module, name = method.hypernet, f"HyperAlign-{cfg.variant}"
     else:
         method = module = methods.StaticLoRA(config.hyper_config(cfg), inp.pipe.backbone).to(inp.device)
-        name = "static LoRA" if cfg.reward_mode == "one-step" else "Direct-Align"
+        name = {"dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "grpo": "GRPO"}.get(
+            cfg.objective, "static LoRA" if cfg.reward_mode == "one-step" else "Direct-Align")
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.0)
     p_rule = (lambda: hyperalign.calibrate(method, inp.pipe, inp.prompts[:16], cfg.key_steps, cfg.seed, inp.ctx)) \
         if method.cfg.variant == "P" and kind == "hyperalign" else None

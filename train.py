@@ -28,7 +28,7 @@ import runs
 
 
 def main(argv=None) -> None:
-    cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0])
+    cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0], exclude=config.BASELINE_FLAGS)
     code = config.cli(lambda: runs.train("hyperalign", cfg, resume, overwrite))
     if code:
         sys.exit(code)

@@ -12,6 +12,7 @@ import losses
 import methods
 import rewards
 import runs
+import testtime
 
 PROMPTS = ["a red square", "a blue circle"]
 
@@ -54,7 +55,7 @@ def test_best_of_n_keeps_the_highest_reward_candidate():
     pipe = tiny_pipe("vp", steps=2)
     g = torch.Generator().manual_seed(3)
     x_T = torch.stack([pipe.noise(2, g) for _ in range(3)])                          # (N, B, C, h, w)
-    images, scores, picked = methods.best_of_n(pipe, redness, PROMPTS, x_T)
+    images, scores, picked = testtime.best_of_n(pipe, redness, PROMPTS, x_T)
     assert scores.shape == (3, 2) and torch.equal(picked, scores.argmax(0))
     assert torch.allclose(redness(images, PROMPTS), scores.max(0).values)
     for b in range(2):                                                             # the kept image is that sample
@@ -67,9 +68,9 @@ def test_guidance_raises_the_reward_over_the_base_sample_from_the_same_noise(kin
     pipe = tiny_pipe(kind, steps=3)
     x_T = pipe.noise(2, torch.Generator().manual_seed(0))
     base = pipe.decode(sample(pipe, pipe.backbone, x_T))
-    guided = pipe.decode(methods.guidance_sample(pipe, redness, PROMPTS, x_T, rho=1.0))
+    guided = pipe.decode(testtime.guidance_sample(pipe, redness, PROMPTS, x_T, rho=1.0))
     assert (redness(guided, PROMPTS) > redness(base, PROMPTS)).all()
-    zero = pipe.decode(methods.guidance_sample(pipe, redness, PROMPTS, x_T, rho=0.0))    # ρ = 0: the base sampler
+    zero = pipe.decode(testtime.guidance_sample(pipe, redness, PROMPTS, x_T, rho=0.0))    # ρ = 0: the base sampler
     assert rel_err(zero, base) < 1e-5
 
 
