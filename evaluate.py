@@ -20,7 +20,7 @@ import rundir
 import runs
 import scoring
 from config import RunConfig
-from protocol import ROWS, Protocol, Rewards, best_of_n_gen, guidance_gen, sample_with
+from protocol import ROWS, Protocol, Rewards, best_of_n_gen, freedom_gen, guidance_gen, sample_with, search_gen
 from scoring import t_interval
 
 
@@ -50,12 +50,17 @@ def real_model(args) -> None:
         name = f"HyperAlign-{m.cfg.variant}" if saved["method"] == "hyperalign" else "static LoRA"
         rows.append((f"{name} ({os.path.basename(os.path.normpath(d))})",
                      sample_with(pipe, lambda c, m=m: m.sampler_model(c, pipe.steps))))
-    if args.bon > 1 or args.rho:
+    if args.bon > 1 or args.rho or args.freedom or args.eps_greedy:
         train_reward = config.load_reward(args.reward or args.score, args.reward_tokenizer, device, args.dtype)
         if args.bon > 1:
             rows.append((f"Best-of-{args.bon}", best_of_n_gen(pipe, train_reward, args.bon)))
         if args.rho:
             rows.append((f"guidance ρ={args.rho:g}", guidance_gen(pipe, train_reward, args.rho)))
+        if args.freedom:
+            rows.append(("FreeDoM", freedom_gen(pipe, train_reward)))
+        if args.eps_greedy:
+            n, k = args.eps_greedy
+            rows.append((f"ε-greedy search (N {n}, K {k})", search_gen(pipe, train_reward, {"n": n, "k": k})))
     seeds = list(range(args.sample_seeds))
     table = {}
     for name, generate in rows:
@@ -126,10 +131,17 @@ def parse_args(argv=None):
     g.add_argument("--batch", type=int, default=4, help="samples per generation batch")
     g.add_argument("--bon", type=int, default=1, help="add a Best-of-N row (N > 1)")
     g.add_argument("--rho", type=float, default=0.0, help="add a gradient-guidance row with this step")
+    g.add_argument("--freedom", action="store_true", help="add a FreeDoM row (testtime.freedom; VP models)")
+    g.add_argument("--eps-greedy", default=None, help="add an ε-greedy search row: N,K (the authors': 4,20)")
     g.add_argument("--device", default="cpu")
     p.add_argument("--overwrite", action="store_true", help="replace result files that exist (refused otherwise)")
     g.add_argument("--dtype", default="float32", choices=config.DTYPES)
     args = p.parse_args(argv)
+    try:
+        args.eps_greedy = tuple(int(x) for x in args.eps_greedy.split(",")) if args.eps_greedy else None
+        assert args.eps_greedy is None or (len(args.eps_greedy) == 2 and min(args.eps_greedy) >= 1)
+    except (ValueError, AssertionError):
+        p.error(f"--eps-greedy: N,K with N, K >= 1, got {args.eps_greedy!r}")
     try:
         args.train_seeds = [int(s) for s in args.train_seeds.split(",") if s]
     except ValueError:
@@ -165,7 +177,7 @@ def parse_args(argv=None):
 
 # the flags of the real-checkpoint table: given without --model, they are refused
 REAL_ONLY = ("tokenizer", "score", "reward", "reward_tokenizer", "prompts", "hyper", "sample_steps", "guidance",
-             "bon", "rho", "batch", "dtype")
+             "bon", "rho", "freedom", "eps_greedy", "batch", "dtype")
 
 
 def run(argv=None) -> None:
