@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 import imagereward
+import presets
 import rewards
 from hyperalign import VARIANTS
 from toy import rewards as toy_rewards
@@ -103,9 +104,7 @@ class RunConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RunConfig":
-        if name not in PRESETS:
-            raise ValueError(f"--preset: unknown {name!r}; choose from {', '.join(PRESET_NAMES)}")
-        return replace(PRESETS[name], **overrides)
+        return presets.pick(PRESETS, name, "--preset", **overrides)
 
     def to_dict(self) -> dict:
         return asdict(self)

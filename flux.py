@@ -16,7 +16,7 @@ W hidden width, M MLP width (4 W), N heads, D head dim (W = N D), K = 3 for (q, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+import presets
 
 
 @dataclass
@@ -59,9 +61,7 @@ class FluxConfig:
 
     @classmethod
     def preset(cls, name: str) -> "FluxConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown FLUX preset {name!r}; choose from {sorted(PRESETS)}")
-        return replace(PRESETS[name])
+        return presets.pick(PRESETS, name, "FLUX")
 
     @classmethod
     def from_bfl_keys(cls, sd: Mapping[str, Tensor], axes_dim: tuple[int, ...] | None = None) -> "FluxConfig":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+import backbone
 import distributed
 import lora
-import backbone
+import presets
 from backbone import Backbone
 
 if TYPE_CHECKING:
@@ -75,9 +76,7 @@ class HyperConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "HyperConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown HyperAlign preset {name!r}; choose from {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        return presets.pick(PRESETS, name, "HyperAlign", **overrides)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

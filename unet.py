@@ -24,6 +24,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import presets
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -54,9 +56,7 @@ class UNetConfig:
 
     @classmethod
     def preset(cls, name: str) -> "UNetConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown U-Net preset {name!r}; known: {sorted(PRESETS)}")
-        return PRESETS[name]
+        return presets.pick(PRESETS, name, "U-Net")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "UNetConfig":

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+import presets
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -41,9 +43,7 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: str) -> "VAEConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown VAE preset {name!r}; known: {sorted(PRESETS)}")
-        return PRESETS[name]
+        return presets.pick(PRESETS, name, "VAE")
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "VAEConfig":
