@@ -68,6 +68,19 @@ def _stopped_by_torchrun(signum, frame):
     raise KeyboardInterrupt(f"rank {os.environ.get('RANK')} stopped by torchrun (another process of the job ended)")
 
 
+# What a collective raises on the survivors when a rank dies, before torchrun's SIGTERM arrives (gloo: the TCP pair
+# closes; nccl: the communicator is aborted).
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+              "remote process exited")
+
+
+def lost_peer(error: BaseException, ctx: Context) -> KeyboardInterrupt | None:
+    """The one-line stop for a collective that failed because another rank of the job died; None for other errors."""
+    if ctx.world == 1 or not isinstance(error, RuntimeError) or not any(m in str(error) for m in _LOST_PEER):
+        return None
+    return KeyboardInterrupt(f"rank {ctx.rank} stopped: another process of the job ended (its connection closed)")
+
+
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -231,5 +231,9 @@ def train(kind: str, cfg: RunConfig, resume: bool = False, overwrite: bool = Fal
                                                        "train": round(time.time() - t1, 1)})
     except KeyboardInterrupt as e:  # every file is written atomically: what is on disk is whole, say what is kept
         raise KeyboardInterrupt("; ".join(filter(None, (str(e), rundir.kept(cfg.out))))) from None
+    except RuntimeError as e:
+        if (stop := distributed.lost_peer(e, inp.ctx)) is None:
+            raise
+        raise KeyboardInterrupt("; ".join(filter(None, (str(stop), rundir.kept(cfg.out))))) from None
     finally:
         rundir.unlock_folder(cfg.out)
