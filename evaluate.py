@@ -20,7 +20,7 @@ import rundir
 import runs
 import scoring
 from config import RunConfig
-from protocol import ROWS, Protocol, Rewards, best_of_n_gen, freedom_gen, guidance_gen, sample_with, search_gen
+from protocol import ROWS, Protocol, Rewards, best_of_n_gen, freedom_gen, guidance_gen, search_gen
 from scoring import t_interval
 
 
@@ -44,12 +44,12 @@ def real_model(args) -> None:
     score = config.load_reward(args.score, args.reward_tokenizer, device, args.dtype, "--score")
     prompts = config.read_prompts(args.prompts)[:args.n_prompts]
     mine = prompts[ctx.rank::ctx.world]
-    rows = [("base", sample_with(pipe, lambda c: pipe.backbone))]
+    rows = [("base", scoring.sampler(pipe, lambda c: pipe.backbone))]
     for d in args.hyper:
         m, saved = runs.load_trained(d, pipe.backbone, device)
         name = f"HyperAlign-{m.cfg.variant}" if saved["method"] == "hyperalign" else "static LoRA"
         rows.append((f"{name} ({os.path.basename(os.path.normpath(d))})",
-                     sample_with(pipe, lambda c, m=m: m.sampler_model(c, pipe.steps))))
+                     scoring.sampler(pipe, lambda c, m=m: m.sampler_model(c, pipe.steps))))
     if args.bon > 1 or args.rho or args.freedom or args.eps_greedy:
         train_reward = config.load_reward(args.reward or args.score, args.reward_tokenizer, device, args.dtype)
         if args.bon > 1:
@@ -66,7 +66,8 @@ def real_model(args) -> None:
     for name, generate in rows:
         m = scoring.measure(generate, pipe, mine, seeds, score, None, None, batch=args.batch, desc=name,
                             per_image=True)[0]
-        per = {k: torch.tensor(v).view(len(seeds), len(mine)).mean(0).tolist() for k, v in m["per_image"].items()}
+        per = {k.removeprefix("reward/"): torch.tensor(v).view(len(seeds), len(mine)).mean(0).tolist()
+               for k, v in m["per_image"].items()}
         gathered = distributed.gather((per, m["sec_per_image"]), ctx)
         if ctx.main:                                   # per-prompt means of every rank, and the slowest rank's time
             per = {k: [x for g, _ in gathered for x in g[k]] for k in per}

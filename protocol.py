@@ -105,14 +105,6 @@ PROBE = (64, (1000, 1001))     # "averaged": the LoRAs of 64 'unseen' prompts (a
 
 # ------------------------------------------------------------------------------------------------------------- rows
 
-def sample_with(pipe, make_model: Callable) -> Callable:
-    """A generator for a model-callable factory `make_model(cond)` (a fresh one per batch: HyperAlign keeps state)."""
-    def generate(prompts, x_T, seed):
-        cond, uncond = pipe.conds(prompts)
-        return pipe.decode(pipe.rollout(make_model(cond), x_T, cond, uncond, trajectory=False))
-    return generate
-
-
 def oracle_gen(pipe, oracle) -> Callable:
     """A generator for methods.Oracle: each sample with its prompt group's LoRA."""
     def generate(prompts, x_T, seed):
@@ -215,7 +207,7 @@ def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict
         "score": SCORE}, "seeds": {}}
     if row.kind in ("base", "best-of-n", "guidance", "eps-greedy", "freedom"):   # nothing trained: one entry
         train_reward = rewards(base_cfg.reward)
-        generate = {"base": lambda: sample_with(pipe, lambda c: pipe.backbone),
+        generate = {"base": lambda: scoring.sampler(pipe, lambda c: pipe.backbone),
                     "best-of-n": lambda: best_of_n_gen(pipe, train_reward, row.over.get("n", 8)),
                     "guidance": lambda: guidance_gen(pipe, train_reward, row.over.get("rho", 1.0)),
                     "eps-greedy": lambda: search_gen(pipe, train_reward, row.over),
@@ -242,7 +234,7 @@ def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict
                 probe = world.eval_prompts("unseen", n, seed=7)
                 method = diagnostics.Averaged(method, pipe, probe, list(probe_seeds))
                 record["settings"]["averaged_over"] = f"{n} 'unseen' prompts (random) x seeds {list(probe_seeds)}"
-            generate = sample_with(pipe, lambda c, m=method: m.sampler_model(c, pipe.steps))
+            generate = scoring.sampler(pipe, lambda c, m=method: m.sampler_model(c, pipe.steps))
         figures = score_row(generate, pipe, p, score, embed, f"{row.name} s{seed}")
         if row.kind not in ("averaged", "oracle"):
             figures["adaptivity"] = runs.adaptivity(method, pipe, world.eval_prompts("unseen", None))
@@ -280,7 +272,7 @@ def on_val(kind: str, cfg: RunConfig, v: Val) -> dict:
                  prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
     method, _ = trained(kind, cfg, **given)
     m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
-        sample_with(v.pipe, lambda c: method.sampler_model(c, v.pipe.steps)), v.pipe, v.val, [0, 1], v.score,
+        scoring.sampler(v.pipe, lambda c: method.sampler_model(c, v.pipe.steps)), v.pipe, v.val, [0, 1], v.score,
         toy_judge.judge, desc=f"val {kind}")[0])
     return {"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "reward": m[v.key],
             "judge": m["judge/overall"], "position": m["judge/position"], "binding": m["judge/binding"],
@@ -309,7 +301,7 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
     score disjoint parts of the grid that can be run now (stage 2 once stage 1 is scored) and return."""
     v = Val(rewards)
     pipe, score, val, key, base_cfg = v.pipe, v.score, v.val, v.key, v.base_cfg
-    base = scoring.measure(sample_with(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
+    base = scoring.measure(scoring.sampler(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
                            desc="val base")[0]
     lrs = {"hyperalign": base_cfg.lr, "static": config.STATIC["lr"]}
     part, parts = p.search_part

@@ -1,8 +1,8 @@
 """Scoring a trained method against the base model: paired samples, intervals, labelled grids, human summaries.
 
-    evaluate(model_fn, pipe, reward, prompts, seed, judge)   base vs aligned from the same x_T, per sample
     measure(generate, pipe, prompts, seeds, reward, judge)    one method's samples and every metric (the tables)
-    paired_change(name, aligned, base)                       mean paired difference and its standard error
+    evaluate(method, pipe, reward, prompts, seeds, judge)     base and method measured on the same x_T, paired changes
+    paired_change(aligned, base)                             mean paired difference and its standard error
     t_interval(values)                                       mean and 95% t half-width over training seeds
     labelled_grid(rows, captions)                            an image grid a person can read
     summary(metrics, paths)                                  the short table a run ends with
@@ -41,58 +41,42 @@ def t_interval(values) -> tuple[float, float]:
     return v.mean().item(), t95(len(v) - 1) * v.std().item() / math.sqrt(len(v))
 
 
-def paired_change(name: str, aligned: torch.Tensor, base: torch.Tensor) -> dict:
+def paired_change(aligned: torch.Tensor, base: torch.Tensor) -> dict:
     """Mean paired difference aligned - base over the (prompt, seed) samples and its standard error: base and aligned
     share x_T, so the paired error is the one that says whether a change within one run is real. It is not the
-    spread between training runs (t_interval over seeds says that)."""
+    spread between training runs (t_interval over seeds says that). NaN pairs (position, for a prompt without a
+    relation) are left out."""
     d = (aligned - base).double()
+    d = d[~torch.isnan(d)]
     se = d.std().item() / len(d) ** 0.5 if len(d) > 1 else float("nan")
-    return {f"{name}_change": d.mean().item(), f"{name}_change_se": se}
+    return {"mean": d.mean().item() if len(d) else float("nan"), "se": se}
 
 
-@torch.no_grad()
-def evaluate(model_fn: Callable, pipe, reward, prompts: list[str], seed: int, judge=None, batch: int = 16,
+def evaluate(method, pipe, reward, prompts: list[str], seeds: list[int], judge=None, batch: int = 16,
              desc: str = "evaluate") -> tuple[dict, dict]:
-    """Reward (and the toy judge) of base and aligned samples from the same x_T. `model_fn(cond)` makes the aligned
-    model callable for a batch's conditioning; the noise of the batch starting at i is seeded with seed + i, so a
-    repeated prompt gets new noise. Returns (metrics, {"base", "aligned"}: images (B, 3, H, W))."""
-    out = {"base": [], "aligned": []}
-    for i in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False):
-        p = prompts[i:i + batch]
-        cond, uncond = pipe.conds(p)
-        x_T = pipe.noise(len(p), torch.Generator().manual_seed(seed + i))
-        base = pipe.rollout(pipe.backbone, x_T, cond, uncond, trajectory=False)
-        aligned = pipe.rollout(model_fn(cond), x_T, cond, uncond, trajectory=False)
-        out["base"].append(pipe.decode(base))
-        out["aligned"].append(pipe.decode(aligned))
-    images = {k: torch.cat(v).float().cpu() for k, v in out.items()}
-    scores = {f"reward_{k}": reward(v.to(pipe.device), prompts).float().cpu() for k, v in images.items()}
-    if judge is not None:  # the toy world's ground truth: overall success, and each part (count, colour, ...)
-        from toy.world import parse
-        relational = torch.tensor([parse(p).relation is not None for p in prompts])
-        for k, v in images.items():
-            parts = judge(v, prompts)
-            scores[f"judge_{k}"] = parts["overall"].float()
-            scores[f"binding_{k}"] = parts["binding"].float()
-            scores[f"position_{k}"] = parts["position"].float()[relational]     # over relational prompts only
-            scores[f"judge_{k}_parts"] = {name: s.float().mean().item() for name, s in parts.items()}
-    m = {k: v if isinstance(v, dict) else v.mean().item() for k, v in scores.items()}
-    for name in ("reward", "judge", "binding", "position"):
-        if f"{name}_base" in scores and len(scores[f"{name}_base"]):
-            m.update(paired_change(name, scores[f"{name}_aligned"], scores[f"{name}_base"]))
-    m["n"] = len(prompts)
-    return m, images
+    """The base model and `method` measured on the same samples (measure: the same x_T per (seed, prompt)), and the
+    paired change of every per-image score: ({"n", "base", "aligned", "change": {score: {"mean", "se"}}},
+    {"base", "aligned": images (S, P, 3, H, W)})."""
+    out, images, per = {"n": len(prompts) * len(seeds)}, {}, {}
+    for name, make_model in (("base", lambda cond: pipe.backbone),
+                             ("aligned", lambda cond: method.sampler_model(cond, pipe.steps))):
+        out[name], images[name] = measure(sampler(pipe, make_model), pipe, prompts, seeds, reward, judge, batch=batch,
+                                          time_reps=1, desc=f"{desc}, {name}", per_image=True)
+        per[name] = out[name].pop("per_image")
+    out["change"] = {k: paired_change(torch.tensor(per["aligned"][k]), torch.tensor(per["base"][k]))
+                     for k in per["base"]}
+    return out, images
 
 
 def evaluate_sets(method, pipe, reward, sets: dict[str, list[str]], seeds: int, seed: int, judge=None,
                   batch: int = 16) -> tuple[dict, tuple]:
-    """Every held-out set x `seeds` samples per prompt, base vs `method` from the same x_T (set j's noise seeded from
+    """Every held-out set x `seeds` samples per prompt, base vs `method` from the same x_T (set j's first sample seed
     10000 (j + 1) + seed): ({set: metrics}, (the first set's prompts, its images))."""
     out, first = {}, None
     for j, (name, ps) in enumerate(sets.items()):
-        m, images = evaluate(lambda cond: method.sampler_model(cond, pipe.steps), pipe, reward, ps * seeds,
-                             seed=10_000 * (j + 1) + seed, judge=judge, batch=batch, desc=f"evaluate {name}")
-        out[name] = m
+        first_seed = 10_000 * (j + 1) + seed
+        out[name], images = evaluate(method, pipe, reward, ps, [first_seed + s * len(ps) for s in range(seeds)],
+                                     judge, batch, desc=f"evaluate {name}")
         first = first or (ps, images)
     return out, first
 
@@ -103,7 +87,7 @@ def write_results(out: str, metrics: dict, first) -> list[str]:
     files.write_json(paths[0], metrics)
     ps, images = first
     n = min(8, len(ps))
-    grid = labelled_grid({"base": images["base"][:n], "aligned": images["aligned"][:n]}, ps[:n],
+    grid = labelled_grid({"base": images["base"][0, :n], "aligned": images["aligned"][0, :n]}, ps[:n],
                          title=f"{metrics['method']}, {metrics['steps']} steps: base vs aligned, same x_T")
     files.save_image(paths[1], grid)
     return paths
@@ -140,6 +124,15 @@ def clip_embedder(reward) -> Callable | None:
     return None
 
 
+def sampler(pipe, make_model: Callable) -> Callable:
+    """measure's `generate` for a model-callable factory `make_model(cond)` (a fresh one per batch: HyperAlign's
+    sampler keeps state along a trajectory)."""
+    def generate(prompts, x_T, seed):
+        cond, uncond = pipe.conds(prompts)
+        return pipe.decode(pipe.rollout(make_model(cond), x_T, cond, uncond, trajectory=False))
+    return generate
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -155,7 +148,8 @@ def measure(generate: Callable, pipe, prompts: list[str], seeds: list[int], rewa
     so that every row of a table is scored on the same samples (paired). Metrics: the mean of every reward part
     ("reward/NAME"), the judge's parts ("judge/NAME", position over relational prompts), saturation, diversity
     across seeds, and seconds per image: the fastest of `time_reps` timed runs of the first batch. per_image: also
-    "per_image" {reward part: [value of each (seed, prompt) sample, seed-major]}.
+    "per_image" {"reward/NAME" or "judge/NAME": [value of each (seed, prompt) sample, seed-major]} (position: NaN
+    for a prompt without a relation).
     NOTE: the fastest, not the mean: on a shared CPU the other processes only ever add time.
     """
     images, times = [], []
@@ -181,11 +175,17 @@ def measure(generate: Callable, pipe, prompts: list[str], seeds: list[int], rewa
     parts = reward.forward_parts(flat.to(pipe.device), caps)[1] if hasattr(reward, "forward_parts") else {
         "reward": reward(flat.to(pipe.device), caps)}
     m = {f"reward/{k}": v.float().mean().item() for k, v in parts.items()}
-    if per_image:
-        m["per_image"] = {k: v.float().cpu().tolist() for k, v in parts.items()}
+    each = {f"reward/{k}": v.float().cpu() for k, v in parts.items()}
     if judge is not None:
         from toy.judge import summary as judge_summary
-        m.update({f"judge/{k}": v for k, v in judge_summary(judge(flat, caps), caps).items()})
+        from toy.world import parse
+        verdicts = judge(flat, caps)
+        m.update({f"judge/{k}": v for k, v in judge_summary(verdicts, caps).items()})
+        relational = torch.tensor([parse(c).relation is not None for c in caps])
+        each.update({f"judge/{k}": torch.where(relational, v.float(), torch.nan) if k == "position" else v.float()
+                     for k, v in verdicts.items()})
+    if per_image:
+        m["per_image"] = {k: v.tolist() for k, v in each.items()}
     if embed is not None:
         m["diversity"] = diversity(torch.stack([embed(im.to(pipe.device)).float().cpu() for im in images]))
     m["saturation"] = saturation(flat).mean().item()
@@ -228,17 +228,20 @@ def labelled_grid(rows: dict[str, torch.Tensor], captions: list[str], min_width:
 # --------------------------------------------------------------------------------------------------------- summary
 
 def summary(sets: dict[str, dict], paths: list[str] | None = None, adaptivity: dict | None = None) -> str:
-    """The short table a run ends with: per held-out set, the reward and the judge (overall, and its binding and
-    position parts, position over relational prompts) base -> aligned, the paired change with its 95% interval
-    (± 1.96 SE within this run), and the files written."""
-    lines = [f"{'held-out set':<14} {'n':>5}  {'metric':<8} {'base':>8} {'aligned':>8}  {'change (95% CI)':>22}"]
+    """The short table a run ends with: per held-out set, each reward and the judge (overall, binding, position over
+    relational prompts) base -> aligned, the paired change with its 95% interval (± 1.96 SE within this run), and
+    the seconds per image of each; then the adaptivity and the files written."""
+    lines = [f"{'held-out set':<14} {'n':>5}  {'score':<16} {'base':>8} {'aligned':>8}  {'change (95% CI)':>22}"]
     for name, m in sets.items():
-        for what in ("reward", "judge", "binding", "position"):
-            if f"{what}_change" not in m:
-                continue
-            d, se = m[f"{what}_change"], m[f"{what}_change_se"]
-            lines.append(f"{name:<14} {m.get('n', 0):>5}  {what:<8} {m[f'{what}_base']:>8.4f} "
-                         f"{m[f'{what}_aligned']:>8.4f}  {d:>+9.4f} ± {1.96 * se:.4f}")
+        shown = [k for k in m["change"] if k.startswith("reward/")] + [
+            f"judge/{k}" for k in ("overall", "binding", "position") if f"judge/{k}" in m["change"]]
+        for key in shown:
+            d = m["change"][key]
+            lines.append(f"{name:<14} {m['n']:>5}  {key:<16} {m['base'][key]:>8.4f} {m['aligned'][key]:>8.4f}  "
+                         f"{d['mean']:>+9.4f} ± {1.96 * d['se']:.4f}")
+        lines.append(f"{name:<14} {'':>5}  {'s / image':<16} {m['base']['sec_per_image']:>8.3f} "
+                     f"{m['aligned']['sec_per_image']:>8.3f}  "
+                     f"{m['aligned']['sec_per_image'] / m['base']['sec_per_image']:>9.2f} × base")
     if adaptivity:
         lines.append(f"adaptivity (share of E|Δθ|² between inputs; 0 = a static LoRA): {adaptivity['x_T']:.2f} at x_T"
                      f" ({adaptivity['n']}), {adaptivity['prompts']:.2f} between prompts" +

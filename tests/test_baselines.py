@@ -34,7 +34,7 @@ def test_static_lora_starts_as_the_base_model_then_moves_and_raises_the_reward(t
     assert torch.equal(sample(pipe, sl.sampler_model(), x_T), base)                 # B = 0: exactly the base model
     m = runs.train("static", run_cfg(tmp_path / "r", tmp_path, steps=4, lr=2e-2, lambda_reg=0.1), pipe=pipe,
                    reward=redness, prefs_reader=pref_pairs())
-    assert m["method"] == "static LoRA" and m["eval"]["eval"]["reward_change"] > 0
+    assert m["method"] == "static LoRA" and m["eval"]["eval"]["change"]["reward/reward"]["mean"] > 0
     sl, saved = runs.load_trained(str(tmp_path / "r"), pipe.backbone)
     assert isinstance(sl, methods.StaticLoRA) and saved["method"] == "static" and saved["step"] == 4
     assert not any(p.requires_grad for p in pipe.backbone.model.parameters())      # the generator stays frozen

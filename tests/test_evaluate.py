@@ -36,16 +36,16 @@ def test_diversity_is_zero_for_identical_seeds_and_one_for_orthogonal():
 
 def test_measure_is_deterministic_and_fills_every_column():
     pipe = tiny_pipe("vp", steps=2)
-    gen = P.sample_with(pipe, lambda c: pipe.backbone)
+    gen = scoring.sampler(pipe, lambda c: pipe.backbone)
     embed = lambda im: torch.nn.functional.normalize(im.flatten(1), dim=-1)  # noqa: E731
     m1, im1 = scoring.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2, per_image=True)
     m2, im2 = scoring.measure(gen, pipe, PROMPTS, [0, 1], redness, None, embed, batch=2)
     assert im1.shape == (2, 3, 3, 16, 16) and torch.equal(im1, im2)
     assert set(m1) == {"reward/reward", "diversity", "saturation", "sec_per_image", "per_image"}
-    assert m1["per_image"]["reward"] == pytest.approx(redness(im1.flatten(0, 1), PROMPTS * 2).tolist())
-    assert m1["reward/reward"] == pytest.approx(sum(m1["per_image"]["reward"]) / 6) and m1["diversity"] > 0
+    assert m1["per_image"]["reward/reward"] == pytest.approx(redness(im1.flatten(0, 1), PROMPTS * 2).tolist())
+    assert m1["reward/reward"] == pytest.approx(sum(m1["per_image"]["reward/reward"]) / 6) and m1["diversity"] > 0
     # the same x_T for every method (at one batch size): a second generator of the base model gives the same samples
-    again = scoring.measure(P.sample_with(pipe, lambda c: pipe.backbone), pipe, PROMPTS, [0], redness, batch=2)[1]
+    again = scoring.measure(scoring.sampler(pipe, lambda c: pipe.backbone), pipe, PROMPTS, [0], redness, batch=2)[1]
     assert torch.equal(again, im1[:1])
 
 

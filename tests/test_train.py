@@ -30,9 +30,10 @@ def weights(out):
 
 def test_short_run_raises_the_reward_and_writes_its_files(tmp_path):
     m = run(tmp_path / "run", tmp_path, steps=8, lambda_reg=0.1)
-    e = m["eval"]["eval"]
-    assert e["reward_aligned"] > e["reward_base"] + 1e-3, e
-    assert e["reward_change"] == pytest.approx(e["reward_aligned"] - e["reward_base"]) and e["reward_change_se"] > 0
+    e, key = m["eval"]["eval"], "reward/reward"
+    assert e["aligned"][key] > e["base"][key] + 1e-3, e
+    assert e["change"][key]["mean"] == pytest.approx(e["aligned"][key] - e["base"][key]) and e["change"][key]["se"] > 0
+    assert e["base"]["sec_per_image"] > 0 and e["aligned"]["sec_per_image"] > 0
     out = tmp_path / "run"
     for f in ("config.json", "checkpoint.json", "metrics.jsonl", "metrics.json", "samples.png"):
         assert os.path.isfile(out / f), f
@@ -46,9 +47,9 @@ def test_short_run_raises_the_reward_and_writes_its_files(tmp_path):
 
 
 def test_paired_change_is_the_mean_difference_with_its_standard_error():
-    m = scoring.paired_change("judge", torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0]))
-    assert m["judge_change"] == pytest.approx(0.5)
-    assert m["judge_change_se"] == pytest.approx(torch.tensor([1.0, 0, 0, 1]).std().item() / 2)
+    m = scoring.paired_change(torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0, 0.0, float("nan")]))
+    assert m["mean"] == pytest.approx(0.5)                                   # the NaN pair (no relation) left out
+    assert m["se"] == pytest.approx(torch.tensor([1.0, 0, 0, 1]).std().item() / 2)
     mean, half = scoring.t_interval([1.0, 2.0, 3.0])
     assert mean == pytest.approx(2.0) and half == pytest.approx(4.303 * 1.0 / 3 ** 0.5, rel=1e-4)
 
@@ -105,7 +106,7 @@ def test_bad_paths_exit_2_with_one_line(tmp_path, capsys):
 
 def test_flux_path_trains(tmp_path):
     m = run(tmp_path / "r", tmp_path, kind="flow", steps=3, variant="S")
-    assert {"reward_base", "reward_aligned"} <= set(m["eval"]["eval"]) and m["trainable_params"] > 0
+    assert {"base", "aligned", "change"} <= set(m["eval"]["eval"]) and m["trainable_params"] > 0
     w = weights(tmp_path / "r")
     assert not torch.equal(w["decoder.head.weight"], w["decoder0.head.weight"])           # it learned something
 
@@ -130,18 +131,18 @@ def test_toy_default_trains_on_hyper_train_and_scores_unseen_then_heldout(tmp_pa
     seen = {}
     real = scoring.evaluate
 
-    def spy(model_fn, pipe, reward, prompts, seed, judge=None, batch=16, desc=""):
-        seen[seed] = list(prompts)
-        return real(model_fn, pipe, reward, prompts, seed, judge, batch, desc)
+    def spy(method, pipe, reward, prompts, seeds, judge=None, batch=16, desc=""):
+        seen[seeds[0]] = list(prompts)
+        return real(method, pipe, reward, prompts, seeds, judge, batch, desc)
     monkeypatch.setattr(scoring, "evaluate", spy)
     cfg = replace(config.RunConfig(), out=str(tmp_path / "r"), steps=1, batch_size=1, sample_steps=2, n_eval=2,
                   eval_seeds=1, lambda_reg=0.0)
     m = runs.train("hyperalign", cfg)
     assert set(seen[10_000]) <= set(world.prompts("unseen")) and set(seen[20_000]) <= set(world.prompts("heldout"))
     assert len(seen[10_000]) == len(seen[20_000]) == 2 and list(m["eval"]) == ["unseen", "heldout"]
+    judged = {f"judge/{k}" for k in ("count", "colour", "shape", "binding", "position", "overall")}
     for part in m["eval"].values():
-        assert {"reward_base", "reward_aligned", "judge_base", "judge_aligned", "judge_change"} <= set(part)
-        assert set(part["judge_base_parts"]) == {"count", "colour", "shape", "binding", "position", "overall"}
+        assert {"reward/toy-comp", *judged} <= set(part["base"]) and {"reward/toy-comp", *judged} <= set(part["change"])
 
 
 def test_reward_steps_come_from_the_later_part_of_the_trajectory(monkeypatch):
