@@ -196,6 +196,7 @@ def blocks(results: str) -> dict[str, str]:
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
     for name, render_table in (("capability", capability_table), ("budget", budget_table),
+                               ("probe-adaptive", probe_table),
                                ("budget-v1", budget_table)):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
@@ -324,6 +325,18 @@ def capability_table(c: dict) -> str:
     for gain in sorted({r["head_gain"] for r in c["runs"]}):
         name = f"`HEAD_GAIN` = {gain:g}" + (" (`nn.Linear`'s default scale)" if gain == 1 else "")
         lines.append(f"| {name} | " + " | ".join(cell.get((gain, lr), "—") for lr in lrs) + " |")
+    return "\n".join(lines)
+
+
+def probe_table(p: dict) -> str:
+    """probe-adaptive.json (benchmarks/probe_adaptive.py): the colour gain per relation, 'same' and 'opposite' task."""
+    lines = ["| task | method | seeds | gain on 'left of' prompts | gain on 'right of' prompts |",
+             "|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["task"], r["method"]) for r in p["rows"]))
+    for task, method in keys:
+        runs = [r for r in p["rows"] if (r["task"], r["method"]) == (task, method)]
+        gain = lambda rel: cell([r["gain"][rel] for r in runs], 3)
+        lines.append(f"| {task} | {method} | {len(runs)} | {gain('left of')} | {gain('right of')} |")
     return "\n".join(lines)
 
 
