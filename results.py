@@ -9,6 +9,7 @@ the same samples (every row is scored from the same x_T).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 import sys
@@ -38,7 +39,7 @@ def values(record: dict, split: str, key: str) -> list[float]:
 
 
 def cell(vals: list[float], digits: int) -> str:
-    if not vals:
+    if not vals or any(math.isnan(v) for v in vals):      # e.g. diversity with one sample per prompt
         return "—"
     mean, half = t_interval(vals)
     return f"{mean:.{digits}f}" if len(vals) < 2 else f"{mean:.{digits}f} ± {half:.{digits}f}"
@@ -86,7 +87,9 @@ JUDGE_KEYS = ("judge/overall", "judge/position", "judge/binding")
 def verdict(d: list[float], scale: float = 1.0) -> tuple[str, str]:
     """(mean ± half-width, whether the 95% interval over training seeds lies above, below or around 0)."""
     mean, half = t_interval(d)
-    word = "—" if half != half else ("above 0" if mean - half > 0 else "below 0" if mean + half < 0 else "includes 0")
+    if half != half:                                  # an untrained row against another: one figure, no interval
+        return f"{mean * scale:+.4f}", "one run: no interval"
+    word = "above 0" if mean - half > 0 else "below 0" if mean + half < 0 else "includes 0"
     return f"{mean * scale:+.4f} ± {half * scale:.4f}", word
 
 
@@ -213,6 +216,8 @@ def blocks(results: str) -> dict[str, str]:
             out["composition"] = composition_table(m)
     for name, path, render_table in (("batch-cost", os.path.join(ROOT, "benchmarks", "results", "sampling-batch.json"),
                                       batch_cost_table),
+                                     ("user-files", os.path.join(ROOT, "benchmarks", "results", "user-files.json"),
+                                      user_files_table),
                                      ("toy-world-v1", os.path.join(results, "toy-world-v1.json"),
                                       lambda m: toy_table(m, "docs/results/toy-world-v1.json"))):
         if os.path.isfile(path):
@@ -337,6 +342,28 @@ def probe_table(p: dict) -> str:
         runs = [r for r in p["rows"] if (r["task"], r["method"]) == (task, method)]
         gain = lambda rel: cell([r["gain"][rel] for r in runs], 3)
         lines.append(f"| {task} | {method} | {len(runs)} | {gain('left of')} | {gain('right of')} |")
+    return "\n".join(lines)
+
+
+def user_files_table(u: dict) -> str:
+    """benchmarks/results/user-files.json (benchmarks/user_files.py): each user action before and after the fix."""
+    def outcome(r: dict) -> str:
+        said = {"user_files_lost": lambda v: f"deleted: {', '.join(v)}" if v else "user's files kept",
+                "notes_kept": lambda v: "notes.md kept" if v else "notes.md deleted",
+                "old_run_whole": lambda v: "old run whole" if v else "old run replaced or damaged",
+                "folder_created": lambda v: "a folder created" if v else "nothing created",
+                "user_file_kept": lambda v: "user's file kept" if v else "user's file overwritten",
+                "traceback": lambda v: f"a traceback, {r['stderr_lines']} lines" if v else "one line",
+                "rcs": lambda v: "both wrote the one folder" if not any(v) else "the second refused"}
+        exit_ = f"exit {' and '.join(map(str, r['rcs']))}" if "rcs" in r else f"exit {r['rc']}"
+        parts = [exit_] + [f(r[k]) for k, f in said.items() if k in r]
+        line = re.sub(r"/tmp/tmp\w+/", "", (r.get("last_lines") or [r.get("last_line", "")])[0])
+        line = line if "%|" not in line else "(progress bar: it ran)"
+        return "; ".join(parts) + (f" — `{line[:90]}`" if line else "")
+    before = {r["case"]: r for r in u["before"]["rows"]}
+    lines = [f"| action | before ({u['before']['commit']}) | after ({u['after']['commit']}) |", "|---|---|---|"]
+    for r in u["after"]["rows"]:
+        lines.append(f"| {r['case']} | {outcome(before[r['case']]) if r['case'] in before else '—'} | {outcome(r)} |")
     return "\n".join(lines)
 
 
