@@ -167,7 +167,10 @@ def headroom(rows: dict[str, dict]) -> str:
                 gap = paired(rows[oracle], rows[shared], "unseen", key)
                 got = paired(rows[ha], rows[shared], "unseen", key)
                 share = [g / h for g, h in zip(got, gap) if h != 0]
-                cells.append(f"{t_interval(share)[0]:+.2f} ± {t_interval(share)[1]:.2f}" if len(share) > 1 else "—")
+                if verdict(gap)[1] != "above 0":          # a share of no headroom is no figure
+                    cells.append("— (no headroom)")
+                else:
+                    cells.append(f"{t_interval(share)[0]:+.2f} ± {t_interval(share)[1]:.2f}" if len(share) > 1 else "—")
             lines.append(f"| {r} | HyperAlign-I's share of the oracle's headroom | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
