@@ -338,13 +338,13 @@ def capability_table(c: dict) -> str:
 
 def probe_table(p: dict) -> str:
     """probe-adaptive.json (benchmarks/probe_adaptive.py): the colour gain per relation, 'same' and 'opposite' task."""
-    lines = ["| task | method | seeds | gain on 'left of' prompts | gain on 'right of' prompts |",
-             "|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["task"], r["method"]) for r in p["rows"]))
-    for task, method in keys:
-        runs = [r for r in p["rows"] if (r["task"], r["method"]) == (task, method)]
+    lines = ["| task | method | steps | seeds | gain on 'left of' prompts | gain on 'right of' prompts |",
+             "|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["task"], r["method"], r["steps"]) for r in p["rows"]))
+    for task, method, steps in keys:
+        runs = [r for r in p["rows"] if (r["task"], r["method"], r["steps"]) == (task, method, steps)]
         gain = lambda rel: cell([r["gain"][rel] for r in runs], 3)
-        lines.append(f"| {task} | {method} | {len(runs)} | {gain('left of')} | {gain('right of')} |")
+        lines.append(f"| {task} | {method} | {steps} | {len(runs)} | {gain('left of')} | {gain('right of')} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ what adapting is worth. HyperAlign-I sees the prompt and has to find that out it
 control: every method should gain there, so a zero in "opposite" is a statement about adapting, not about training.
 
     python benchmarks/probe_adaptive.py [--steps 150] [--seeds 0] [--json docs/results/probe-adaptive.json]
+        [--tasks same,opposite] [--methods "HyperAlign-I,HyperAlign-S@0.0003,static LoRA,oracle: a LoRA per relation"]
 
 Trains on the toy world's hyper-train prompts with "left of" / "right of", lambda_reg 0 (no L_G), the v2 search's
 learning rates; scores on the val prompts with the same relations, aligned vs base from the same x_T.
@@ -31,6 +32,7 @@ import runs  # noqa: E402
 from toy import world  # noqa: E402
 
 RELATIONS = (" left of ", " right of ")
+ORACLE = "oracle: a LoRA per relation"
 
 
 def relation(prompt: str) -> str:
@@ -75,7 +77,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     p.add_argument("--json", default="docs/results/probe-adaptive.json")
+    p.add_argument("--tasks", default="same,opposite", help="comma-separated: same (the positive control), opposite")
+    p.add_argument("--methods", default=f"HyperAlign-I,static LoRA,{ORACLE}",
+                   help="comma-separated; NAME@LR sets the learning rate (HyperAlign-V: 1e-4, the others: 3e-4)")
     a = p.parse_args(argv)
+    for method in a.methods.split(","):
+        name = method.partition("@")[0]
+        if name not in ("HyperAlign-I", "HyperAlign-P", "HyperAlign-S", "static LoRA", ORACLE):
+            p.error(f"--methods: unknown method {method!r}")
     base_cfg = config.RunConfig(lambda_reg=0.0, steps=a.steps, no_eval=True, variant="I")
     pipe = config.load_pipeline(base_cfg)
     train_prompts, val = split("hyper-train"), split("val")
@@ -83,21 +92,23 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(s) for s in a.seeds.split(",")]:
-            for task in ("same", "opposite"):
+            for task in a.tasks.split(","):
                 reward = colour_reward(task)
-                for method in ("HyperAlign-I", "static LoRA", "oracle: a LoRA per relation"):
+                for method in a.methods.split(","):
                     t0 = time.time()
-                    if method == "HyperAlign-I":
-                        cfg = replace(base_cfg, seed=seed, lr=1e-4)
+                    name, _, lr = method.partition("@")
+                    if name.startswith("HyperAlign-"):          # "HyperAlign-I", "HyperAlign-S@0.0003": variant, lr
+                        cfg = replace(base_cfg, seed=seed, lr=float(lr or 1e-4), variant=name[-1])
                         m = train("hyperalign", cfg, train_prompts, pipe, reward, tmp)
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps)  # noqa: E731
-                    elif method == "static LoRA":
-                        cfg = replace(base_cfg, seed=seed, lr=3e-4)
+                    elif name == "static LoRA":
+                        cfg = replace(base_cfg, seed=seed, lr=float(lr or 3e-4))
                         m = train("static", cfg, train_prompts, pipe, reward, tmp)
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps)  # noqa: E731
                     else:
-                        loras = {r: train("static", replace(base_cfg, seed=seed, lr=3e-4, steps=a.steps // 2), qs,
-                                          pipe, reward, tmp) for r, qs in by_relation.items()}
+                        loras = {r: train("static", replace(base_cfg, seed=seed, lr=float(lr or 3e-4),
+                                                            steps=a.steps // 2), qs, pipe, reward, tmp)
+                                 for r, qs in by_relation.items()}
                         m = methods.Oracle(loras, relation, pipe.backbone)
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps, prompts)  # noqa: E731
                     row = {"task": task, "method": method, "seed": seed, "steps": a.steps,
