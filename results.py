@@ -65,6 +65,8 @@ def table(rows: dict[str, dict], split: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base_time = values(rows["base"], split, "sec_per_image") if "base" in rows else []
     for name, r in rows.items():
+        if not any(split in s for s in r["seeds"].values()):              # not scored on this split (ε-greedy)
+            continue
         seeds = "—" if list(r["seeds"]) == ["-"] else str(len(r["seeds"]))
         adapt = [s["adaptivity"]["x_T"] for s in r["seeds"].values() if "adaptivity" in s]
         t = values(r, split, "sec_per_image")
