@@ -6,7 +6,6 @@ folder; ~5 min on 2 cores).
 Each case is one line of OUT.json: exit status, the last line on stderr, and whether the user's files survived.
 benchmarks/results/user-files.json holds it for the checkout before the fix (a5faacd) and after; results.py renders it.
 Every case is also a test (tests/test_user_files.py, tests/test_faults.py); this script is the measured before/after."""
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from test_faults import digest  # noqa: E402  (every file under a folder and its sha256, as the tests compare them)
 
 REPO, OUT = sys.argv[1], sys.argv[2]
 PY = sys.executable
@@ -26,15 +29,6 @@ def run(script, *args, timeout=600):
     p = subprocess.run([PY, script, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     last = (p.stderr.strip().splitlines() or [""])[-1][:160]
     return p.returncode, last
-
-
-def digest(folder):
-    out = {}
-    for root, _, names in os.walk(folder):
-        for n in names:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def user_folder(path):
