@@ -33,6 +33,16 @@ def best_of_n(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, model: Ca
     return images[picked, torch.arange(len(prompts))], scores, picked
 
 
+def _x0_reward(pipe: Pipeline, reward, prompts: list[str], x: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+    """The reward of the one-step prediction's decode: r(D(x̂0(x_t)), c), (B,)."""
+    return reward(pipe.decode(pipe.backbone.x0_hat(x, t, pred), clamp=False), prompts)
+
+
+def _each(v: Tensor, like: Tensor) -> Tensor:
+    """A (B,) tensor of per-sample values (any dtype) viewed as (B, 1, ...) to broadcast against `like`."""
+    return v.view(-1, *[1] * (like.dim() - 1))
+
+
 def guidance_sample(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, rho: float = 1.0,
                     model: Callable | None = None, trajectory: bool = False):
     """Gradient guidance through the one-step prediction (FreeDoM, Yu et al. 2023; the paper's Eq. 6):
@@ -53,18 +63,12 @@ def guidance_sample(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, rho
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             pred = sampler.guided(model, x, t_b, cond, uncond, pipe.guidance)
-            r = reward(pipe.decode(pipe.backbone.x0_hat(x, t_b, pred), clamp=False), prompts)
-            g, = torch.autograd.grad(r.sum(), x)
+            g, = torch.autograd.grad(_x0_reward(pipe, reward, prompts, x, t_b, pred).sum(), x)
         x_next, _ = pipe.step(x_t, pred.detach(), t, t_next)
-        norm = lambda z: z.flatten(1).norm(dim=1).view(-1, *[1] * (z.dim() - 1))  # noqa: E731  (B, 1, ...)
+        norm = lambda z: _each(z.flatten(1).norm(dim=1), z)                                  # noqa: E731
         x_t = x_next + rho * norm(x_next - x_t) * g / norm(g).clamp_min(1e-12)
         xs.append(x_t)
     return (x_t, {"x_t": torch.stack(xs)}) if trajectory else x_t
-
-
-def _x0_reward(pipe: Pipeline, reward, prompts: list[str], x: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-    """The reward of the one-step prediction's decode: r(D(x̂0(x_t)), c), (B,)."""
-    return reward(pipe.decode(pipe.backbone.x0_hat(x, t, pred), clamp=False), prompts)
 
 
 @torch.no_grad()
@@ -95,15 +99,14 @@ def epsilon_greedy(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, n: i
             for _ in range(n):
                 fresh = torch.rand(B, generator=generator).to(x.device) < eps                   # per sample
                 u = rand(*x.shape)
-                u = u / u.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+                u = u / _each(u.flatten(1).norm(dim=1), x)
                 radius = torch.rand(B, generator=generator).to(x.device) * lam * math.sqrt(D)
-                cand = torch.where(fresh.view(-1, *[1] * (x.dim() - 1)), rand(*x.shape),
-                                   pivot + u * radius.view(-1, *[1] * (x.dim() - 1)))
+                cand = torch.where(_each(fresh, x), rand(*x.shape), pivot + u * _each(radius, x))
                 x_cand = mean + std * cand
                 r = _x0_reward(pipe, reward, prompts, x_cand, tb,
                                sampler.guided(counted, x_cand, tb, cond, uncond, pipe.guidance))
                 better = r > best_r
-                best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), cand, best)
+                best = torch.where(_each(better, x), cand, best)
                 best_r = torch.where(better, r, best_r)
             pivot = best
         x = mean + std * pivot
@@ -152,7 +155,7 @@ def freedom(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, window: tup
             c3 = ((1 - a_prev) * (1 - a_t / a_prev) / (1 - a_t)).sqrt()
             x_prev = (c1 * x0 + c2 * x + c3 * rand(x)).detach()
             if guide:
-                rms = lambda z: z.square().flatten(1).mean(1).sqrt().view(-1, *[1] * (z.dim() - 1))  # noqa: E731
+                rms = lambda z: _each(z.square().flatten(1).mean(1).sqrt(), z)  # noqa: E731
                 rho = scale * pipe.guidance * rms(e_c - e_u).detach() / rms(g).clamp_min(1e-12)
                 x_prev = x_prev + rho * g
             beta = a_t / a_prev
