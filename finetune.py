@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import distributed
+import sampler
 from backbone import Backbone
 
 
@@ -137,7 +139,6 @@ def sample_with_logprob(model, pipe, x_T: Tensor, cond, uncond, eta: float, gen:
                         ) -> dict:
     """A trajectory of the stochastic sampler (VP: DDIM with η, DDPO; flow: Flow-GRPO's SDE, noise level η),
     recording each step: {"x_t": (N+1, B, ...), "logp": (N, B), "t": [N] pairs (t, t_next)}, without gradient."""
-    import sampler
     bb, pairs = pipe.backbone, pipe.pairs()
     xs, lps = [x_T], []
     with torch.no_grad():
@@ -175,7 +176,7 @@ def grpo_step(method, pipe, reward, prompts: list[str], gen: torch.Generator, gr
         t, t_next = traj["t"][k]
         tb, tn = pipe.t_batch(t, len(ps)), pipe.t_batch(t_next, len(ps))
         x, x_next = traj["x_t"][k], traj["x_t"][k + 1]
-        with method.applied(method.factors(net=net)) as model:
+        with distributed.sync_if(net, k == steps[-1]), method.applied(method.factors(net=net)) as model:
             pred = sampler.guided(model, x, tb, cond, uncond, pipe.guidance)
             _, logp, mean, std = bb.step_logprob(x, pred, tb, tn, eta, x_next=x_next, t_cap=t_cap)
             loss, clipped = ppo_loss(logp, traj["logp"][k], adv, clip)
