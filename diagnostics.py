@@ -5,6 +5,7 @@
     at_x_T(method, pipe, prompts, seeds)    Δθ(x_T, T, c) over prompts x seeds, and its adaptivity   (paper Fig. 9)
     along_trajectory(method, pipe, prompts) Δθ_t at every step of S trajectories                     (paper Fig. 8)
     Averaged(method, pipe, prompts, seeds)  HyperAlign with its LoRAs replaced by their mean (the adaptive part removed)
+    decoder_report(ha, pipe, prompts, flipped)  where the decoder looks, and how far a prompt edit moves what it makes
 
 train.py reports `adaptivity` in metrics.json; analysis.py draws Fig. 8 / 9 from the same functions.
 Shape alphabet: N sampling steps, B inputs, P flattened LoRA parameters, S seeds.
@@ -102,3 +103,65 @@ class Averaged:
 
     def sampler_model(self, cond=None, steps: int | None = None):
         return lambda x_t, t, c: self.backbone.forward(self.params, x_t, t, c)
+
+
+@torch.no_grad()
+def decoder_report(ha, pipe, prompts: list[str], flipped: list[str], seed: int = 0) -> dict:
+    """What the hypernetwork's decoder does with its inputs at x_T, trained and at initialisation (its frozen ⁰ copy).
+
+    prompts / flipped: pairs that differ by one edit (e.g. "left of" -> "right of"). For the decoder and for decoder⁰:
+      attention   per cross-attention layer: the normalised entropy of the weights (1: uniform over the memory) and
+                  the weight mass on each memory source beside its share of the tokens (uniform attention: equal)
+      norm, edit / prompts / seed   mean ||M||; ||M(flipped) − M||, the spread between prompts (mean ||M − mean M||) and
+                  ||M(other x_T) − M||, each over the mean ||M||, for the generated cores M, and for the head's
+                  input h (the decoder's last tokens): how much the edit moves each beside other changes of input
+    plus, for the trained decoder, how far its parameters moved: ||W − W⁰|| / ||W⁰|| for the head and the median
+    over the other weight matrices.
+    """
+    net = ha.hypernet
+    cond, _ = pipe.conds(prompts)
+    cond_f, _ = pipe.conds(flipped)
+    t = pipe.t_batch(pipe.timesteps()[0], len(prompts))
+    x, x2 = (pipe.noise(len(prompts), torch.Generator().manual_seed(s)) for s in (seed, seed + 1))
+    feats = {"": ha.backbone.features(x, t, cond), "edit": ha.backbone.features(x, t, cond_f),
+             "seed": ha.backbone.features(x2, t, cond)}
+    sizes = [f.shape[1] for f in feats[""][0]] + [feats[""][1].shape[1], 1]
+    names = [f"level {i}" for i in range(len(feats[""][0]))] + ["text", "time"]
+
+    def run(decoder):
+        seen, hooks = [], [layer.cross_attn.register_forward_hook(lambda m, a, o: seen.append(m.weights(*a)))
+                           for layer in decoder.layers]
+        heads = []
+        hooks.append(decoder.head.register_forward_hook(lambda m, a, o: heads.append(a[0])))
+        try:
+            M = {k: decoder(*f).flatten(1).double() for k, f in feats.items()}
+        finally:
+            for h in hooks:
+                h.remove()
+        h = {k: v.flatten(1).double() for k, v in zip(feats, heads)}
+        attention = []
+        for w in seen[:len(decoder.layers)]:                                    # the unedited input's layers
+            entropy = -(w * w.clamp_min(1e-30).log()).sum(-1) / torch.log(torch.tensor(float(w.shape[-1])))
+            mass = [c.sum(-1).mean().item() for c in w.split(sizes, dim=-1)]
+            attention.append({"entropy": entropy.mean().item(),
+                              "mass": dict(zip(names, mass)),
+                              "uniform": {n: s / sum(sizes) for n, s in zip(names, sizes)}})
+        return {"attention": attention, "M": _moves(M), "h": _moves(h)}
+
+    out = {"trained": run(net.decoder), "init": run(net.decoder0)}
+    before = dict(net.decoder0.named_parameters())
+    moved = {n: ((p - before[n]).norm() / before[n].norm()).item() for n, p in net.decoder.named_parameters()
+             if p.dim() == 2 and n != "head.weight"}
+    out["moved"] = {"head": ((net.decoder.head.weight - before["head.weight"]).norm()
+                             / before["head.weight"].norm()).item(),
+                    "other_median": sorted(moved.values())[len(moved) // 2]}
+    return out
+
+
+def _moves(v: dict) -> dict:
+    """{"norm": mean ||v[""]||, "edit", "prompts", "seed"}: how far the edited prompt, the other prompts and another
+    x_T move v[""], over its norm."""
+    base, scale = v[""], v[""].norm(dim=1).mean()
+    return {"norm": scale.item(), "edit": ((v["edit"] - base).norm(dim=1).mean() / scale).item(),
+            "prompts": ((base - base.mean(0)).norm(dim=1).mean() / scale).item(),
+            "seed": ((v["seed"] - base).norm(dim=1).mean() / scale).item()}

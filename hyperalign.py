@@ -109,6 +109,11 @@ class Attention(nn.Module):
         q, k, v = (rearrange(p, "B L (N D) -> B N L D", N=self.n_head) for p in (self.q(x), self.k(kv), self.v(kv)))
         return self.o(rearrange(F.scaled_dot_product_attention(q, k, v), "B N L D -> B L (N D)"))
 
+    def weights(self, x: Tensor, kv: Tensor) -> Tensor:
+        """The attention weights forward uses, (B, N, L_x, L_kv): softmax(q kᵀ / √d) (diagnostics.py reads them)."""
+        q, k = (rearrange(p, "B L (N D) -> B N L D", N=self.n_head) for p in (self.q(x), self.k(kv)))
+        return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm transformer decoder layer: self-attention among the queries, cross-attention to the features, MLP."""

@@ -204,7 +204,8 @@ def blocks(results: str) -> dict[str, str]:
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))
     for name, render_table in (("capability", capability_table), ("budget", budget_table),
-                               ("probe-adaptive", probe_table),
+                               ("probe-adaptive", probe_table), ("decoder-diagnosis", decoder_table),
+                               ("probe-gradients", gradients_table),
                                ("budget-v1", budget_table)):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
@@ -339,14 +340,48 @@ def capability_table(c: dict) -> str:
 
 
 def probe_table(p: dict) -> str:
-    """probe-adaptive.json (benchmarks/probe_adaptive.py): the colour gain per relation, 'same' and 'opposite' task."""
-    lines = ["| task | method | steps | seeds | gain on 'left of' prompts | gain on 'right of' prompts |",
-             "|---|---|---|---|---|---|"]
-    keys = list(dict.fromkeys((r["task"], r["method"], r["steps"]) for r in p["rows"]))
+    """probe-adaptive.json (benchmarks/probe_adaptive.py): the colour gain per relation, 'same' and 'opposite' task, on
+    the val prompts and (runs with --in-sample) on training prompts."""
+    def label(r: dict) -> str:
+        extra = ([f"batch {r['batch_size']}"] if "batch_size" in r else []) + \
+            ([f"head gain {r['head_gain']:g}"] if "head_gain" in r else []) + ([r["fix"]] if "fix" in r else [])
+        return ", ".join([r["method"], *extra])
+    lines = ["| task | method | steps | seeds | gain on 'left of' prompts | gain on 'right of' prompts | "
+             "in-sample: 'left of' | in-sample: 'right of' |", "|---|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["task"], label(r), r["steps"]) for r in p["rows"]))
     for task, method, steps in keys:
-        runs = [r for r in p["rows"] if (r["task"], r["method"], r["steps"]) == (task, method, steps)]
-        gain = lambda rel: cell([r["gain"][rel] for r in runs], 3)
-        lines.append(f"| {task} | {method} | {steps} | {len(runs)} | {gain('left of')} | {gain('right of')} |")
+        runs = [r for r in p["rows"] if (r["task"], label(r), r["steps"]) == (task, method, steps)]
+        def gain(rel: str, key: str) -> str:                  # in-sample: only runs made with --in-sample
+            have = [r[key][rel] for r in runs if key in r]
+            return cell(have, 3) + (f" ({len(have)} seeds)" if have and len(have) < len(runs) else "")
+        lines.append(f"| {task} | {method} | {steps} | {len(runs)} | {gain('left of', 'gain')} | "
+                     f"{gain('right of', 'gain')} | {gain('left of', 'gain_in_sample')} | "
+                     f"{gain('right of', 'gain_in_sample')} |")
+    return "\n".join(lines)
+
+
+def gradients_table(g: dict) -> str:
+    """probe-gradients.json (probe_adaptive.py --gradients): the reward's gradient with respect to M at initialisation."""
+    lines = ["| task | seed | cos(left mean, right mean) | ‖part that differs‖ | ‖part shared‖ | one sample's spread | "
+             "differs / noise of a 4-sample mean |", "|---|---|---|---|---|---|---|"]
+    for r in g["rows"]:
+        lines.append(f"| {r['task']} | {r['seed']} | {r['cos']:.2f} | {r['differ']:.3f} | {r['share']:.3f} | "
+                     f"{r['sample_spread']:.3f} | {r['differ_over_batch4_noise']:.2f} |")
+    return "\n".join(lines)
+
+
+def decoder_table(d: dict) -> str:
+    """decoder-diagnosis.json (benchmarks/diagnose_decoder.py): attention entropy and how far a relation flip moves
+    the decoder's output, trained against initialisation."""
+    lines = ["| run | attention entropy (1 = uniform) | text tokens' attention share (uniform) | ‖M‖ init → trained | "
+             "flip moves M (init → trained) | prompts spread M (init → trained) | flip moves h (trained) | head moved | "
+             "other weights moved |", "|---|---|---|---|---|---|---|---|---|"]
+    for run, r in d["runs"].items():
+        t, i, a = r["trained"], r["init"], r["trained"]["attention"][0]
+        lines.append(f"| `{run}` | {a['entropy']:.3f} | {a['mass']['text']:.3f} ({a['uniform']['text']:.3f}) | "
+                     f"{i['M']['norm']:.2f} → {t['M']['norm']:.2f} | {i['M']['edit']:.2f} → {t['M']['edit']:.2f} | "
+                     f"{i['M']['prompts']:.2f} → {t['M']['prompts']:.2f} | {t['h']['edit']:.2f} | "
+                     f"{r['moved']['head']:.2f}× | {r['moved']['other_median']:.3f} |")
     return "\n".join(lines)
 
 

@@ -9,9 +9,19 @@ control: every method should gain there, so a zero in "opposite" is a statement 
 
     python benchmarks/probe_adaptive.py [--steps 150] [--seeds 0] [--json docs/results/probe-adaptive.json]
         [--tasks same,opposite] [--methods "HyperAlign-I,HyperAlign-S@0.0003,static LoRA,oracle: a LoRA per relation"]
+        [--batch-size 4] [--head-gain 0.01] [--keep runs/probe] [--in-sample]
+    python benchmarks/probe_adaptive.py --gradients [--seeds 0] [--json docs/results/probe-gradients.json]
 
 Trains on the toy world's hyper-train prompts with "left of" / "right of", lambda_reg 0 (no L_G), the v2 search's
-learning rates; scores on the val prompts with the same relations, aligned vs base from the same x_T.
+learning rates; scores on the val prompts with the same relations, aligned vs base from the same x_T (--in-sample: on
+56 of the training prompts as well, to tell not learning from not generalising). --keep DIR keeps the trained runs
+(benchmarks/diagnose_decoder.py reads them). --head-gain sets hyperalign.HEAD_GAIN, the scale of the decoder's head at
+initialisation, for this run only (a fix tried, docs/results.md §7).
+
+--gradients trains nothing: it asks what the reward's gradient tells the hypernetwork at initialisation. One L_R step
+(losses.training_step, λ = 0) on 64 training prompts, 32 per relation; each sample's gradient with respect to its own
+generated core M (samples do not share a LoRA, so the batch gradient holds them all). Per task: the mean gradient of
+each relation, their cosine, the part they share and the part that differs, and the spread of single samples.
 """
 from __future__ import annotations
 
@@ -27,6 +37,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+import hyperalign  # noqa: E402
+import losses  # noqa: E402
 import methods  # noqa: E402
 import runs  # noqa: E402
 from toy import world  # noqa: E402
@@ -51,12 +63,12 @@ def split(name: str) -> list[str]:
     return [p for p in world.prompts(name) if any(r in p for r in RELATIONS)]
 
 
-def train(kind: str, cfg, prompts: list[str], pipe, reward, tmp: str):
-    """One run on `prompts` (a file in tmp) -> the trained method."""
+def train(kind: str, cfg, prompts: list[str], pipe, reward, tmp: str, out: str | None = None):
+    """One run on `prompts` (a file in tmp) into `out` (default: in tmp) -> the trained method."""
     path = os.path.join(tmp, f"{kind}-{len(prompts)}-{abs(hash(tuple(prompts)))}.txt")
     with open(path, "w") as f:
         f.write("\n".join(prompts))
-    cfg = replace(cfg, prompts=path, out=os.path.join(tmp, os.path.basename(path)[:-4]))
+    cfg = replace(cfg, prompts=path, out=out or os.path.join(tmp, os.path.basename(path)[:-4]))
     runs.train(kind, cfg, overwrite=True, pipe=pipe, reward=reward)
     return runs.load_trained(cfg.out, pipe.backbone)[0]
 
@@ -72,6 +84,30 @@ def gains(pipe, make_model, reward, prompts: list[str], seed: int) -> dict:
     return {r.strip(): gain[torch.tensor([r in p for p in prompts])].mean().item() for r in RELATIONS}
 
 
+def gradients(pipe, reward, prompts: list[str], seed: int) -> dict:
+    """The L_R gradient with respect to each sample's core M, for a fresh HyperAlign-I (see the module docstring)."""
+    torch.manual_seed(seed)
+    ha = hyperalign.HyperAlign(hyperalign.HyperConfig.preset("toy-sd", variant="I"), pipe.backbone)
+    seen = []
+
+    def keep_gradient(module, args, out):                             # the training forward's M, not the rollout's
+        if out.requires_grad:
+            out.register_hook(seen.append)
+    hook = ha.hypernet.decoder.register_forward_hook(keep_gradient)
+    try:
+        losses.training_step(ha, pipe, reward, prompts, None, 0.0, torch.Generator().manual_seed(seed))
+    finally:
+        hook.remove()
+    g = -seen[0].flatten(1).double() * len(prompts)                    # d r_i / d M_i: the loss is −mean r
+    left = torch.tensor([relation(p) == "left of" for p in prompts])
+    mean_l, mean_r = g[left].mean(0), g[~left].mean(0)
+    spread = torch.cat([g[left] - mean_l, g[~left] - mean_r]).norm(dim=1)
+    differ, share = (mean_l - mean_r) / 2, (mean_l + mean_r) / 2
+    return {"cos": torch.nn.functional.cosine_similarity(mean_l, mean_r, dim=0).item(),
+            "differ": differ.norm().item(), "share": share.norm().item(), "sample_spread": spread.mean().item(),
+            "differ_over_batch4_noise": (differ.norm() / (spread.square().mean().sqrt() / 2)).item()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150)
@@ -80,15 +116,35 @@ def main(argv=None) -> None:
     p.add_argument("--tasks", default="same,opposite", help="comma-separated: same (the positive control), opposite")
     p.add_argument("--methods", default=f"HyperAlign-I,static LoRA,{ORACLE}",
                    help="comma-separated; NAME@LR sets the learning rate (HyperAlign-V: 1e-4, the others: 3e-4)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per training step")
+    p.add_argument("--head-gain", type=float, default=hyperalign.HEAD_GAIN, help="the decoder head's initial scale")
+    p.add_argument("--keep", default=None, help="keep the HyperAlign and static runs in this folder")
+    p.add_argument("--in-sample", action="store_true", help="score on 56 of the training prompts too")
+    p.add_argument("--tag", default=None, help="a fix tried, recorded in every row (e.g. by probe_centre.py)")
+    p.add_argument("--gradients", action="store_true", help="measure the reward's gradient at initialisation instead")
     a = p.parse_args(argv)
+    default_gain = hyperalign.HEAD_GAIN
+    hyperalign.HEAD_GAIN = a.head_gain                         # read when a hypernetwork is built
     for method in a.methods.split(","):
         name = method.partition("@")[0]
         if name not in ("HyperAlign-I", "HyperAlign-P", "HyperAlign-S", "static LoRA", ORACLE):
             p.error(f"--methods: unknown method {method!r}")
-    base_cfg = config.RunConfig(lambda_reg=0.0, steps=a.steps, no_eval=True, variant="I")
+    base_cfg = config.RunConfig(lambda_reg=0.0, steps=a.steps, no_eval=True, variant="I", batch_size=a.batch_size)
     pipe = config.load_pipeline(base_cfg)
     train_prompts, val = split("hyper-train"), split("val")
     by_relation = {r.strip(): [q for q in train_prompts if r in q] for r in RELATIONS}
+    in_sample = train_prompts[::len(train_prompts) // len(val)][:len(val)]
+    if a.gradients:
+        batch = by_relation["left of"][:32] + by_relation["right of"][:32]
+        rows = [{"task": task, "seed": seed, **gradients(pipe, colour_reward(task), batch, seed)}
+                for seed in [int(s) for s in a.seeds.split(",")] for task in a.tasks.split(",")]
+        for row in rows:
+            print(json.dumps(row))
+        with open(a.json, "w") as f:
+            json.dump({"what": "the L_R gradient with respect to each sample's core M at initialisation (64 "
+                               "training prompts, 32 per relation)", "rows": rows}, f, indent=1)
+        print(f"wrote {a.json}")
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in [int(s) for s in a.seeds.split(",")]:
@@ -97,13 +153,15 @@ def main(argv=None) -> None:
                 for method in a.methods.split(","):
                     t0 = time.time()
                     name, _, lr = method.partition("@")
+                    keep = a.keep and os.path.join(a.keep, f"{task}-{method}-b{a.batch_size}-g{a.head_gain:g}-"
+                                                   f"{a.steps}-s{seed}".replace(" ", "-").replace("@", "-lr"))
                     if name.startswith("HyperAlign-"):          # "HyperAlign-I", "HyperAlign-S@0.0003": variant, lr
                         cfg = replace(base_cfg, seed=seed, lr=float(lr or 1e-4), variant=name[-1])
-                        m = train("hyperalign", cfg, train_prompts, pipe, reward, tmp)
+                        m = train("hyperalign", cfg, train_prompts, pipe, reward, tmp, keep)
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps)  # noqa: E731
                     elif name == "static LoRA":
                         cfg = replace(base_cfg, seed=seed, lr=float(lr or 3e-4))
-                        m = train("static", cfg, train_prompts, pipe, reward, tmp)
+                        m = train("static", cfg, train_prompts, pipe, reward, tmp, keep)
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps)  # noqa: E731
                     else:
                         loras = {r: train("static", replace(base_cfg, seed=seed, lr=float(lr or 3e-4),
@@ -112,7 +170,13 @@ def main(argv=None) -> None:
                         m = methods.Oracle(loras, relation, pipe.backbone)
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps, prompts)  # noqa: E731
                     row = {"task": task, "method": method, "seed": seed, "steps": a.steps,
-                           "gain": gains(pipe, make, reward, val, seed), "seconds": round(time.time() - t0, 1)}
+                           **({"batch_size": a.batch_size} if a.batch_size != 4 else {}),
+                           **({"head_gain": a.head_gain} if a.head_gain != default_gain else {}),
+                           **({"fix": a.tag} if a.tag else {}),
+                           "gain": gains(pipe, make, reward, val, seed)}
+                    if a.in_sample:
+                        row["gain_in_sample"] = gains(pipe, make, reward, in_sample, seed)
+                    row["seconds"] = round(time.time() - t0, 1)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     out = {"what": __doc__.split("\n")[0], "train_prompts": len(train_prompts), "val_prompts": len(val),

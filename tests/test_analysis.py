@@ -121,3 +121,30 @@ def test_averaged_applies_the_mean_of_the_loras_as_used(variant):
     a = pipe.rollout(avg.sampler_model(cond, 3), x_T, cond, uncond, trajectory=False)
     b = pipe.rollout(ha.sampler_model(cond, 3), x_T, cond, uncond, trajectory=False)
     assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_attention_weights_are_the_ones_forward_uses():
+    """hyperalign.Attention.weights: softmax(q kᵀ / √d) per head; weights · v, then o, is forward's output."""
+    torch.manual_seed(0)
+    att = H.Attention(16, 4)
+    x, kv = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    w = att.weights(x, kv)                                                          # (B, N, L_x, L_kv)
+    assert w.shape == (2, 4, 3, 7) and torch.allclose(w.sum(-1), torch.ones(2, 4, 3))
+    v = att.v(kv).view(2, 7, 4, 4).transpose(1, 2)                                  # (B, N, L_kv, D)
+    by_hand = att.o((w @ v).transpose(1, 2).reshape(2, 3, 16))
+    assert torch.allclose(by_hand, att(x, kv), atol=1e-6)
+
+
+def test_decoder_report_at_initialisation_and_after_a_change():
+    """At initialisation the decoder is its frozen copy: every figure equal, nothing moved. Moving the trained copy
+    moves `moved`, and the report's attention figures are shares (masses sum to 1, entropy in (0, 1])."""
+    pipe = tiny_pipe()
+    ha = make_ha(pipe, "I")
+    flipped = ["a red circle", "a blue square", "a green circle"]
+    r = D.decoder_report(ha, pipe, PROMPTS, flipped)
+    assert r["trained"] == r["init"] and r["moved"] == {"head": 0.0, "other_median": 0.0}
+    a = r["init"]["attention"][0]
+    assert sum(a["mass"].values()) == pytest.approx(1.0) and sum(a["uniform"].values()) == pytest.approx(1.0)
+    assert 0 < a["entropy"] <= 1 and r["init"]["M"]["edit"] > 0 and r["init"]["M"]["seed"] > 0
+    moved = D.decoder_report(trained_like(pipe, "I"), pipe, PROMPTS, flipped)
+    assert moved["moved"]["head"] > 0 and moved["trained"]["M"] != moved["init"]["M"]
