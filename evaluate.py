@@ -113,7 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/table", help="run folders of the trained rows (reused when finished)")
     p.add_argument("--results", default="docs/results", help="where the JSON of every row goes")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--search", action="store_true", help="choose the settings on the 'val' split (search.json)")
+    p.add_argument("--search", action="store_true", help="choose the settings on the 'val' split (search.json; toy "
+                   "FLUX: the learning rates at toy SD's other settings, search-toy-flux.json)")
     p.add_argument("--budget", default="", help="comma-separated step counts: HyperAlign-I and the static LoRA at "
                    "their chosen settings, trained that long and scored on 'val' (budget.json)")
     p.add_argument("--search-part", default="0/1", help="K/N: train and score every N-th setting from K (parallel "
@@ -194,9 +195,10 @@ def run(argv=None) -> None:
         raise ValueError(f"--models: {bad} are not toy models (toy-sd, toy-flux); use --model PATH")
     rows = [(m, r) for m in models for r in ROWS if m in r.models and (not wanted or r.name in wanted or
                                                                         r.slug in wanted)]
+    searched = {"toy-sd": "search.json", "toy-flux": "search-toy-flux.json"}       # toy FLUX: learning rates only
     outputs = ([os.path.join(args.out, "table.json"), os.path.join(args.out, "table.md")] if args.model is not None else
-               [os.path.join(args.results, "search.json")] if args.search and args.search_part[1] == 1 else
-               [os.path.join(args.results, "budget.json")] if args.budget else [] if args.search else
+               [os.path.join(args.results, searched[m]) for m in models] if args.search and args.search_part[1] == 1
+               else [os.path.join(args.results, "budget.json")] if args.budget else [] if args.search else
                [os.path.join(args.results, m, f"{r.slug}.json") for m, r in rows])
     for path in outputs:                                  # every result file checked before hours of work
         rundir.check_output(path, args.overwrite, "--results" if args.model is None else "--out")
@@ -206,7 +208,10 @@ def run(argv=None) -> None:
     p = Protocol(args.out, args.results, tuple(args.train_seeds), args.sample_seeds, args.heldout_seeds,
                  args.n_prompts, args.search_part, tuple(args.budget))
     if args.search:
-        return print(protocol.search(p, Rewards())["chosen"])
+        for model in models:
+            print(model, (protocol.search(p, Rewards()) if model == "toy-sd" else
+                          protocol.lr_search(p, Rewards(), model))["chosen"])
+        return
     if args.budget:
         return print(protocol.budget(p, Rewards())["runs"])
     rewards = Rewards()

@@ -254,13 +254,13 @@ SEARCH_LR = [3e-5, 1e-4, 3e-4, 1e-3]
 
 
 class Val:
-    """What the search and --budget train and score on: the toy SD pipeline, the score rewards, the 'val' prompts,
-    the reward the settings are chosen by (the training reward) and the base run config (no evaluation, one final
-    checkpoint)."""
-    def __init__(self, rewards: Rewards):
-        self.rewards, self.pipe = rewards, config.load_pipeline(RunConfig.from_preset("toy-sd"))
+    """What the search and --budget train and score on: a toy model's pipeline (toy SD unless named), the score
+    rewards, the 'val' prompts, the reward the settings are chosen by (the training reward) and the base run config
+    (no evaluation, one final checkpoint)."""
+    def __init__(self, rewards: Rewards, model: str = "toy-sd"):
+        self.rewards, self.pipe = rewards, config.load_pipeline(RunConfig.from_preset(model))
         self.score, self.val, self.key = rewards(SCORE), world.prompts("val"), "reward/" + SCORE.split(",")[0]
-        self.base_cfg = RunConfig.from_preset("toy-sd", no_eval=True, save_every=10_000,
+        self.base_cfg = RunConfig.from_preset(model, no_eval=True, save_every=10_000,
                                               threads=torch.get_num_threads())
 
 
@@ -357,6 +357,41 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
               "runs": rows1 + out + guidance, "chosen": found}
     os.makedirs(p.results, exist_ok=True)
     files.write_json(os.path.join(p.results, "search.json"), record)
+    return record
+
+
+def lr_search(p: "Protocol", rewards: Rewards, model: str) -> dict:
+    """Stage 2 of `search` on another toy model: each method's learning rate (SEARCH_LR) where toy SD's search takes
+    L_R, training seed 0, every 'val' prompt x 2 samples, chosen by the same rule. -> search-MODEL.json. The chosen
+    rates are what the tables of that model then use (config.py)."""
+    v = Val(rewards, model)
+    base = scoring.measure(scoring.sampler(v.pipe, lambda c: v.pipe.backbone), v.pipe, v.val, [0, 1], v.score,
+                           toy_judge.judge, desc=f"val base {model}")[0]
+    part, parts = p.search_part
+    grid, out = [(kind, lr) for kind in ("hyperalign", "static") for lr in SEARCH_LR], []
+    for i, (kind, lr) in enumerate(grid):
+        if parts > 1 and i % parts != part:
+            continue
+        cfg = replace(v.base_cfg, lr=lr, out=os.path.join(p.out, f"search-{model}", f"{kind}-{lr:g}"))
+        fig = on_val(kind, cfg, v)
+        out.append({"method": fig.pop("method"), "setting": {"reward_mode": cfg.reward_mode,
+                                                             "reward_from": cfg.reward_from, "lr": lr},
+                    "stage": 2, **fig})
+        print(out[-1], flush=True)
+    if parts > 1:
+        return {"chosen": f"part {part} of {parts} done; then --search without --search-part to choose"}
+    found = {}
+    for method in ("HyperAlign-I", "static LoRA"):
+        pick = max([r for r in out if r["method"] == method and r["judge"] >= base["judge/overall"]] or
+                   [r for r in out if r["method"] == method], key=lambda r: r["reward"])
+        pick["chosen"] = True
+        found[method] = pick["setting"]
+    record = {"split": f"val: {len(v.val)} prompts x 2 samples, training seed 0, {model}",
+              "reward": v.key.split("/")[1], "base": {"reward": base[v.key], "judge": base["judge/overall"],
+                                                      "position": base["judge/position"],
+                                                      "binding": base["judge/binding"]},
+              "runs": out, "chosen": found}
+    files.write_json(os.path.join(p.results, f"search-{model}.json"), record)
     return record
 
 

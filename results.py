@@ -199,7 +199,7 @@ def blocks(results: str) -> dict[str, str]:
         if len(extra) > 3:
             out[f"{model}-headroom-rows"] = table(extra, "unseen")
             out[f"{model}-headroom"] = headroom(rows)
-    for name in ("search", "search-v1", "search-head1", "search-clamped", "search-first"):
+    for name in ("search", "search-toy-flux", "search-v1", "search-head1", "search-clamped", "search-first"):
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = search_table(files.read_json(path, "search results"))

@@ -89,6 +89,33 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     assert "| HyperAlign-I − HyperAlign-I, LoRA averaged |" in blocks["toy-sd-claims"]
 
 
+def test_learning_rate_search_on_another_toy_model(tmp_path, monkeypatch):
+    """protocol.lr_search: each method trained at every learning rate of the grid on 'val', one chosen per method by
+    the search's rule, search-MODEL.json written and rendered by results.py."""
+    pipe = tiny_pipe("flow", steps=2)
+    monkeypatch.setattr(P, "SCORE", "red")
+    monkeypatch.setitem(config.REWARDS, "red", lambda path, **kw: RedReward())
+    monkeypatch.setattr(config, "load_prefs", lambda cfg, train, held: pref_pairs())
+    monkeypatch.setattr(config, "load_pipeline", lambda cfg, device=None: pipe)
+    monkeypatch.setattr(P.world, "prompts", lambda split: PROMPTS)
+    monkeypatch.setattr(P.world, "SIZE", 16)
+    monkeypatch.setattr(P, "SEARCH_LR", [1e-4, 1e-3])
+    monkeypatch.setattr(P.runs, "adaptivity", lambda method, pipe, prompts: {"x_T": 0.5})
+    base = config.RunConfig.from_preset
+    monkeypatch.setattr(config.RunConfig, "from_preset",
+                        classmethod(lambda cls, name, **kw: base(name, **{**kw, "steps": 2, "batch_size": 2,
+                                                                           "reward": "red"})))
+    a = P.Protocol(out=str(tmp_path / "runs"), results=str(tmp_path / "res"))
+    os.makedirs(a.results)
+    record = P.lr_search(a, P.Rewards(), "toy-flux")
+    assert [(r["method"], r["setting"]["lr"]) for r in record["runs"]] == [
+        ("HyperAlign-I", 1e-4), ("HyperAlign-I", 1e-3), ("static LoRA", 1e-4), ("static LoRA", 1e-3)]
+    assert sum(bool(r.get("chosen")) for r in record["runs"]) == 2 and set(record["chosen"]) == {
+        "HyperAlign-I", "static LoRA"}
+    assert os.path.isdir(os.path.join(a.out, "search-toy-flux", "static-0.001"))
+    assert "| 2 | static LoRA |" in results.blocks(a.results)["search-toy-flux"]
+
+
 class RedReward(rewards.Reward):
     def forward(self, images, prompts):
         return redness(images, prompts)
