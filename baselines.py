@@ -26,7 +26,7 @@ import runs
 def main(argv=None) -> None:
     # the static LoRA has no variant and no key steps: those flags are not offered
     cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0], exclude=("variant", "key_steps"),
-                                          **{"out": "runs/static-lora", **config.STATIC})
+                                          per_preset=config.static, out="runs/static-lora")
     code = config.cli(lambda: runs.train("static", cfg, resume, overwrite))
     if code:
         sys.exit(code)

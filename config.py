@@ -153,16 +153,22 @@ class RunConfig:
 
 
 # Settings of the toy tables beside RunConfig's defaults, chosen on the 'val' split by `python evaluate.py --search`
-# (docs/results/search.json: where L_R is taken, then the learning rate of each method): the static LoRA's own lr,
-# and guidance's step ρ. RunConfig's reward_from (0.25) and lr (1e-4) are HyperAlign-I's choices.
-STATIC: dict = {"lr": 3e-4}
+# (docs/results/search.json: where L_R is taken, then the learning rate of each method; search-toy-flux.json: the
+# learning rates on toy FLUX): the static LoRA's own lr per preset, and guidance's step ρ. RunConfig's reward_from
+# (0.25) and each toy preset's lr are HyperAlign-I's choices.
+STATIC_LR = {"toy-sd": 3e-4, "toy-flux": 1e-3}
 GUIDANCE_RHO = 0.3
+
+
+def static(preset: str) -> dict:
+    """The static LoRA's settings over the preset's (its learning rate; 3e-4 where none was searched)."""
+    return {"lr": STATIC_LR.get(preset, 3e-4)}
 
 _TOY = RunConfig()
 PRESETS: dict[str, RunConfig] = {
     "toy-sd": _TOY,
     # NOTE: the toy FLUX is schnell-style (no guidance embedding): guidance does not apply
-    "toy-flux": replace(_TOY, preset="toy-flux", model=world.FLUX_DIR, guidance=None, hyper="toy-flux"),
+    "toy-flux": replace(_TOY, preset="toy-flux", model=world.FLUX_DIR, guidance=None, hyper="toy-flux", lr=1e-3),
     # real checkpoints: the paper's sampling settings (SD1.5 50 DDIM steps, CFG 7.5; FLUX-dev 28 steps, guidance 3.5),
     # everything else given on the command line
     "sd15": replace(_TOY, preset="sd15", model="", sample_steps=None, guidance=None, prompts="", eval_prompts="",
@@ -223,14 +229,17 @@ def parser(description: str, exclude: tuple[str, ...] = ()) -> argparse.Argument
     return p
 
 
-def parse(argv=None, description: str = "", exclude: tuple[str, ...] = (), **defaults) -> tuple[RunConfig, bool, bool]:
-    """argv -> (RunConfig: the preset, then `defaults` (the script's own), then the flags given, checked; --resume;
-    --overwrite). Bad values exit 2."""
+def parse(argv=None, description: str = "", exclude: tuple[str, ...] = (), per_preset=None,
+          **defaults) -> tuple[RunConfig, bool, bool]:
+    """argv -> (RunConfig: the preset, then `defaults` (the script's own; `per_preset(preset)` adds more), then the
+    flags given, checked; --resume; --overwrite). Bad values exit 2."""
     p = parser(description, exclude)
     ns = vars(p.parse_args(argv))
     given = {k: v for k, v in ns.items() if k in {f.name for f in fields(RunConfig)}}
+    preset = given.pop("preset", "toy-sd")
     try:
-        cfg = RunConfig.from_preset(given.pop("preset", "toy-sd"), **{**defaults, **given}).check()
+        cfg = RunConfig.from_preset(preset, **{**defaults, **(per_preset(preset) if per_preset else {}),
+                                               **given}).check()
     except ValueError as e:
         p.error(str(e))
     return cfg, ns.get("resume", False), ns.get("overwrite", False)

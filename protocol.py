@@ -74,7 +74,7 @@ ROWS = [
     Row("HyperAlign-S", "hyperalign", {"variant": "S"}),
     Row("HyperAlign-I", "hyperalign", {"variant": "I"}),
     Row("HyperAlign-P", "hyperalign", {"variant": "P"}),
-    Row("static LoRA", "static", config.STATIC),
+    Row("static LoRA", "static"),
     Row("Best-of-8", "best-of-n", {"n": 8}),
     Row("guidance", "guidance", {"rho": config.GUIDANCE_RHO}),
     Row("Direct-Align + SRPO reward", "static", {"reward_mode": "direct-align", "reward_from": 0.0, "lambda_reg": 0.0,
@@ -86,17 +86,17 @@ ROWS = [
     Row("HyperAlign-S, LoRA averaged", "averaged", {"variant": "S"}, of="hyperalign-s"),
     Row("HyperAlign-I, LoRA averaged", "averaged", {"variant": "I"}, of="hyperalign-i"),
     # the paper's other baselines (finetune.py, testtime.py): the same LoRA with its authors' losses; test-time search
-    Row("Diffusion-DPO", "static", {**config.STATIC, "objective": "dpo", "lambda_reg": 0.0}, ("toy-sd",)),
-    Row("Diffusion-KTO", "static", {**config.STATIC, "objective": "kto", "lambda_reg": 0.0}, ("toy-sd",)),
-    Row("GRPO", "static", {**config.STATIC, "objective": "grpo", "lambda_reg": 0.0}),
+    Row("Diffusion-DPO", "static", {"objective": "dpo", "lambda_reg": 0.0}, ("toy-sd",)),
+    Row("Diffusion-KTO", "static", {"objective": "kto", "lambda_reg": 0.0}, ("toy-sd",)),
+    Row("GRPO", "static", {"objective": "grpo", "lambda_reg": 0.0}),
     Row("ε-greedy search (N 4, K 2)", "eps-greedy", {"n": 4, "k": 2}, ("toy-sd",), samples=(1, 0)),
     Row("FreeDoM", "freedom", {}, ("toy-sd",)),
     # can adapting pay? one static LoRA per prompt group, picked by an oracle reading the prompt (methods.Oracle)
-    Row("oracle: a LoRA per relation", "oracle", {**config.STATIC, "group": "relation"}, ("toy-sd",)),
-    Row("oracle: a LoRA per shape set", "oracle", {**config.STATIC, "group": "shapes"}, ("toy-sd",)),
+    Row("oracle: a LoRA per relation", "oracle", {"group": "relation"}, ("toy-sd",)),
+    Row("oracle: a LoRA per shape set", "oracle", {"group": "shapes"}, ("toy-sd",)),
     # ... at other ranks (HyperAlign's generated LoRA has rank 2R at --rank R: the static LoRA at R and at 2R)
-    *[Row(f"static LoRA, rank {r}", "static", {**config.STATIC, "rank": r}, ("toy-sd",)) for r in (1, 2, 8, 16, 32)],
-    *[Row(f"oracle: a LoRA per relation, rank {r}", "oracle", {**config.STATIC, "group": "relation", "rank": r},
+    *[Row(f"static LoRA, rank {r}", "static", {"rank": r}, ("toy-sd",)) for r in (1, 2, 8, 16, 32)],
+    *[Row(f"oracle: a LoRA per relation, rank {r}", "oracle", {"group": "relation", "rank": r},
           ("toy-sd",)) for r in (1, 16)],
     *[Row(f"HyperAlign-I, rank {r}", "hyperalign", {"variant": "I", "rank": r}, ("toy-sd",)) for r in (1, 16)],
 ]
@@ -217,7 +217,8 @@ def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict
         if row.samples:
             record["protocol"]["unseen"] = f"{record['protocol']['unseen'].split(' x ')[0]} x {row.samples[0]}"
         return record
-    over = {k: v for k, v in row.over.items() if k != "group"}
+    over = {**(config.static(model) if row.kind in ("static", "oracle") else {}),     # the static LoRA's own lr
+            **{k: v for k, v in row.over.items() if k != "group"}}
     for seed in p.train_seeds:
         cfg = replace(base_cfg, **over, seed=seed, out=os.path.join(p.out, model, f"{row.of or row.slug}-s{seed}"))
         record["settings"] = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
@@ -303,7 +304,7 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
     pipe, score, val, key, base_cfg = v.pipe, v.score, v.val, v.key, v.base_cfg
     base = scoring.measure(scoring.sampler(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
                            desc="val base")[0]
-    lrs = {"hyperalign": base_cfg.lr, "static": config.STATIC["lr"]}
+    lrs = {"hyperalign": base_cfg.lr, "static": config.static("toy-sd")["lr"]}
     part, parts = p.search_part
 
     def folder(kind, mode, frm, lr):
@@ -401,7 +402,7 @@ def budget(p: "Protocol", rewards: Rewards) -> dict:
     search, with the adaptivity at x_T. -> budget.json."""
     v, out = Val(rewards), []
     for steps in p.budget:
-        for kind, over in (("hyperalign", {}), ("static", config.STATIC)):
+        for kind, over in (("hyperalign", {}), ("static", config.static("toy-sd"))):
             cfg = replace(v.base_cfg, **over, steps=steps, out=os.path.join(p.out, "budget", f"{kind}-{steps}"))
             fig = on_val(kind, cfg, v)
             out.append({"method": fig.pop("method"), "steps": steps, "lr": cfg.lr, **fig})

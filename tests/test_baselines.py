@@ -108,3 +108,15 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
             baselines.main(bad)
         assert e.value.code == 2, bad
     assert "error:" in capsys.readouterr().err
+
+
+def test_the_static_lora_takes_its_own_learning_rate_per_preset_unless_given(monkeypatch):
+    """baselines.py: the learning rate chosen on 'val' for the static LoRA on each toy model (config.STATIC_LR, not
+    HyperAlign's), and --lr over it."""
+    import config
+    seen = []
+    monkeypatch.setattr(baselines.runs, "train", lambda kind, cfg, resume, overwrite: seen.append(cfg))
+    for argv in ([], ["--preset", "toy-flux"], ["--preset", "toy-flux", "--lr", "5e-5"]):
+        baselines.main(argv)
+    assert [c.lr for c in seen] == [config.STATIC_LR["toy-sd"], config.STATIC_LR["toy-flux"], 5e-5]
+    assert config.RunConfig.from_preset("toy-flux").lr == 1e-3 and config.RunConfig.from_preset("toy-sd").lr == 1e-4
