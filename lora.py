@@ -25,6 +25,7 @@ Factors: `{module_name: (A, B)}` with A (R, I), B (O, R), or batched A (B, R, I)
 from __future__ import annotations
 
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -73,6 +74,19 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[Target]:
     return targets
 
 
+_MODULES: "weakref.WeakKeyDictionary[nn.Module, dict[str, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """model.get_submodule(name), looked up once per model and name.
+    NOTE: get_submodule walks the dotted path attribute by attribute (~5 us); a LoRA on toy SD names 56 targets, and
+    HyperAlign-S prepares one every step: the walks were two thirds of `prepare` at batch 1."""
+    table = _MODULES.setdefault(model, {})
+    if name not in table:
+        table[name] = model.get_submodule(name)
+    return table[name]
+
+
 def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor]:
     """{'<name>.weight': W + s·B·A} for every target of ONE LoRA (unbatched factors): the weights the modulated model
     runs with. The product is formed in the weight's dtype so a bf16 model stays bf16.
@@ -86,7 +100,7 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
     groups: dict[tuple, list] = {}
     for name, (A, B) in factors.items():
         assert A.dim() == 2, "merged_params merges one LoRA: A (R, I); B samples run unmerged (prepare)"
-        W = model.get_submodule(name).weight                       # (O, I)
+        W = submodule(model, name).weight                            # (O, I)
         groups.setdefault((W.shape, W.dtype, W.device, A.shape), []).append((name, W, A, B))
     params = {}
     for items in groups.values():
@@ -103,8 +117,8 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
 @dataclass(frozen=True)
 class PerSample:
     """B samples' LoRAs for the rows of a model batch (see the module docstring): the batched factors, the scale, and
-    per target either the per-sample weights W + s·B_b·A_b, (B, O, I), when they are small (`merged`), or nothing
-    (the LoRA runs unmerged)."""
+    per target either the per-sample weights W + s·B_b·A_b, held transposed, (B, I, O), when they are small
+    (`merged`), or nothing (the LoRA runs unmerged)."""
     factors: Factors
     scale: float
     merged: dict[str, Tensor] = field(default_factory=dict)
@@ -119,9 +133,9 @@ class PerSample:
         is sample r mod B): the merged weights transposed (K B, I, O), or Aᵀ (K B, I, R) and Bᵀ (K B, R, O)."""
         key = (name, k, dtype)
         if key not in self.tiles:
-            ops = (self.merged[name].transpose(1, 2),) if name in self.merged else \
-                tuple(m.transpose(1, 2) for m in self.factors[name])
-            self.tiles[key] = tuple(m.to(dtype).repeat(k, 1, 1) for m in ops)
+            ops = (self.merged[name],) if name in self.merged else tuple(m.transpose(1, 2) for m in self.factors[name])
+            ops = tuple(m.to(dtype) for m in ops)
+            self.tiles[key] = ops if k == 1 else tuple(m.repeat(k, 1, 1) for m in ops)     # one copy: no tiling
         return self.tiles[key]
 
 
@@ -142,11 +156,12 @@ def prepare(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tenso
         return merged_params(model, factors, scale)
     if A.shape[0] == 1:
         return merged_params(model, {k: (a[0], b[0]) for k, (a, b) in factors.items()}, scale)
-    b, Ws = A.shape[0], {n: model.get_submodule(n).weight for n in factors}
+    b, Ws = A.shape[0], {n: submodule(model, n).weight for n in factors}
     if b * sum(W.numel() for W in Ws.values()) > PER_SAMPLE_MERGE:
         return PerSample(factors, scale)
     return PerSample(factors, scale, {n: torch.baddbmm(Ws[n].expand(b, -1, -1), B.to(Ws[n].dtype), A.to(Ws[n].dtype),
-                                                       alpha=scale) for n, (A, B) in factors.items()})  # (B, O, I)
+                                                       alpha=scale).transpose(1, 2)
+                                      for n, (A, B) in factors.items()})          # (W + s·B·A)ᵀ: (B, I, O), a view
 
 
 def _per_sample_linear(module: nn.Linear, name: str, weights: PerSample):
@@ -179,7 +194,7 @@ def applied(model: nn.Module, weights: Weights) -> Iterator[nn.Module]:
     if weights is None:
         yield model
     elif isinstance(weights, PerSample):
-        mods = [(model.get_submodule(name), name) for name in weights.factors]
+        mods = [(submodule(model, name), name) for name in weights.factors]
         for m, name in mods:
             m.forward = _per_sample_linear(m, name, weights)
         try:
@@ -217,7 +232,7 @@ def substituted(model: nn.Module, params: dict[str, Tensor]) -> Iterator[nn.Modu
     saved = []
     for key, value in params.items():
         module_name, _, pname = key.rpartition(".")
-        module = model.get_submodule(module_name)
+        module = submodule(model, module_name)
         if pname not in module._parameters:
             raise ValueError(f"{key}: not a parameter of the model")
         saved.append((module, pname, module._parameters[pname]))
