@@ -134,8 +134,9 @@ class PerSample:
         key = (name, k, dtype)
         if key not in self.tiles:
             ops = (self.merged[name],) if name in self.merged else tuple(m.transpose(1, 2) for m in self.factors[name])
-            ops = tuple(m.to(dtype) for m in ops)
-            self.tiles[key] = ops if k == 1 else tuple(m.repeat(k, 1, 1) for m in ops)     # one copy: no tiling
+            # NOTE: contiguous even at K = 1: bmm with a transposed view of the weights measured 1.27x the base model
+            # on toy FLUX at batch 16 against 1.14x contiguous (one interleaved run, 11 repeats, another job running)
+            self.tiles[key] = tuple(m.to(dtype).repeat(k, 1, 1) for m in ops)
         return self.tiles[key]
 
 

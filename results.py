@@ -343,7 +343,8 @@ def probe_table(p: dict) -> str:
     """probe-adaptive.json (benchmarks/probe_adaptive.py): the colour gain per relation, 'same' and 'opposite' task, on
     the val prompts and (runs with --in-sample) on training prompts."""
     def label(r: dict) -> str:
-        extra = ([f"batch {r['batch_size']}"] if "batch_size" in r else []) + \
+        extra = ([f"rank {r['rank']}"] if "rank" in r else []) + \
+            ([f"batch {r['batch_size']}"] if "batch_size" in r else []) + \
             ([f"head gain {r['head_gain']:g}"] if "head_gain" in r else []) + ([r["fix"]] if "fix" in r else [])
         return ", ".join([r["method"], *extra])
     lines = ["| task | method | steps | seeds | gain on 'left of' prompts | gain on 'right of' prompts | "

@@ -9,7 +9,7 @@ control: every method should gain there, so a zero in "opposite" is a statement 
 
     python benchmarks/probe_adaptive.py [--steps 150] [--seeds 0] [--json docs/results/probe-adaptive.json]
         [--tasks same,opposite] [--methods "HyperAlign-I,HyperAlign-S@0.0003,static LoRA,oracle: a LoRA per relation"]
-        [--batch-size 4] [--head-gain 0.01] [--keep runs/probe] [--in-sample]
+        [--batch-size 4] [--head-gain 0.01] [--rank 4] [--keep runs/probe] [--in-sample]
     python benchmarks/probe_adaptive.py --gradients [--seeds 0] [--json docs/results/probe-gradients.json]
 
 Trains on the toy world's hyper-train prompts with "left of" / "right of", lambda_reg 0 (no L_G), the v2 search's
@@ -117,6 +117,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default=f"HyperAlign-I,static LoRA,{ORACLE}",
                    help="comma-separated; NAME@LR sets the learning rate (HyperAlign-V: 1e-4, the others: 3e-4)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per training step")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank R (HyperAlign's LoRA has rank 2R; default: "
+                   "the preset's, 4)")
     p.add_argument("--head-gain", type=float, default=hyperalign.HEAD_GAIN, help="the decoder head's initial scale")
     p.add_argument("--keep", default=None, help="keep the HyperAlign and static runs in this folder")
     p.add_argument("--in-sample", action="store_true", help="score on 56 of the training prompts too")
@@ -129,7 +131,8 @@ def main(argv=None) -> None:
         name = method.partition("@")[0]
         if name not in ("HyperAlign-I", "HyperAlign-P", "HyperAlign-S", "static LoRA", ORACLE):
             p.error(f"--methods: unknown method {method!r}")
-    base_cfg = config.RunConfig(lambda_reg=0.0, steps=a.steps, no_eval=True, variant="I", batch_size=a.batch_size)
+    base_cfg = config.RunConfig(lambda_reg=0.0, steps=a.steps, no_eval=True, variant="I", batch_size=a.batch_size,
+                                rank=a.rank)
     pipe = config.load_pipeline(base_cfg)
     train_prompts, val = split("hyper-train"), split("val")
     by_relation = {r.strip(): [q for q in train_prompts if r in q] for r in RELATIONS}
@@ -154,7 +157,8 @@ def main(argv=None) -> None:
                     t0 = time.time()
                     name, _, lr = method.partition("@")
                     keep = a.keep and os.path.join(a.keep, f"{task}-{method}-b{a.batch_size}-g{a.head_gain:g}-"
-                                                   f"{a.steps}-s{seed}".replace(" ", "-").replace("@", "-lr"))
+                                                   f"r{a.rank or 4}-{a.steps}-s{seed}".replace(" ", "-")
+                                                   .replace("@", "-lr"))
                     if name.startswith("HyperAlign-"):          # "HyperAlign-I", "HyperAlign-S@0.0003": variant, lr
                         cfg = replace(base_cfg, seed=seed, lr=float(lr or 1e-4), variant=name[-1])
                         m = train("hyperalign", cfg, train_prompts, pipe, reward, tmp, keep)
@@ -171,6 +175,7 @@ def main(argv=None) -> None:
                         make = lambda cond, prompts: m.sampler_model(cond, pipe.steps, prompts)  # noqa: E731
                     row = {"task": task, "method": method, "seed": seed, "steps": a.steps,
                            **({"batch_size": a.batch_size} if a.batch_size != 4 else {}),
+                           **({"rank": a.rank} if a.rank else {}),
                            **({"head_gain": a.head_gain} if a.head_gain != default_gain else {}),
                            **({"fix": a.tag} if a.tag else {}),
                            "gain": gains(pipe, make, reward, val, seed)}
