@@ -210,6 +210,9 @@ def blocks(results: str) -> dict[str, str]:
         path = os.path.join(results, f"{name}.json")
         if os.path.isfile(path):
             out[name] = render_table(files.read_json(path, f"{name} results"))
+    path = os.path.join(results, "probe-adaptive.json")
+    if os.path.isfile(path):
+        out["probe-share"] = probe_share_table(files.read_json(path, "probe results"))
     for name, path in (("analysis", os.path.join(ROOT, "docs", "figures", "analysis.json")),
                        ("analysis-v1", os.path.join(results, "analysis-v1.json"))):
         if os.path.isfile(path):
@@ -228,6 +231,9 @@ def blocks(results: str) -> dict[str, str]:
                                       lambda m: toy_table(m, "docs/results/toy-world-v1.json"))):
         if os.path.isfile(path):
             out[name] = render_table(files.read_json(path, f"{name} results"))
+    path = os.path.join(results, "probe-adaptive.json")
+    if os.path.isfile(path):
+        out["probe-share"] = probe_share_table(files.read_json(path, "probe results"))
     return out
 
 
@@ -354,10 +360,34 @@ def probe_table(p: dict) -> str:
         runs = [r for r in p["rows"] if (r["task"], label(r), r["steps"]) == (task, method, steps)]
         def gain(rel: str, key: str) -> str:                  # in-sample: only runs made with --in-sample
             have = [r[key][rel] for r in runs if key in r]
-            return cell(have, 3) + (f" ({len(have)} seeds)" if have and len(have) < len(runs) else "")
+            some = f" ({len(have)} seed{'s' * (len(have) > 1)})"
+            return cell(have, 3) + (some if have and len(have) < len(runs) else "")
         lines.append(f"| {task} | {method} | {steps} | {len(runs)} | {gain('left of', 'gain')} | "
                      f"{gain('right of', 'gain')} | {gain('left of', 'gain_in_sample')} | "
                      f"{gain('right of', 'gain_in_sample')} |")
+    return "\n".join(lines)
+
+
+def probe_share_table(p: dict) -> str:
+    """probe-adaptive.json: each HyperAlign variant's (and the static LoRA's, for reference) share of the oracle's
+    headroom in "opposite", per rank: per training seed, its mean gain over the two relations over the oracle's (same
+    seed, same rank), then the t-interval over seeds. Only 150-step runs with no fix, and seeds the oracle has."""
+    def mean_gain(r):
+        return (r["gain"]["left of"] + r["gain"]["right of"]) / 2
+    plain = [r for r in p["rows"] if r["task"] == "opposite" and r["steps"] == 150 and "@" not in r["method"] and
+             not {"batch_size", "head_gain", "fix"} & set(r)]
+    oracle = {(r.get("rank", 4), r["seed"]): mean_gain(r) for r in plain if r["method"].startswith("oracle")}
+    lines = ["| rank R | method | seeds | oracle's mean gain | method's mean gain | share of the oracle's gain |",
+             "|---|---|---|---|---|---|"]
+    for rank in sorted({k[0] for k in oracle}):
+        for method in dict.fromkeys(r["method"] for r in plain if not r["method"].startswith("oracle")):
+            runs = [r for r in plain if r["method"] == method and r.get("rank", 4) == rank and
+                    (rank, r["seed"]) in oracle]
+            if not runs:
+                continue
+            o, m = [oracle[(rank, r["seed"])] for r in runs], [mean_gain(r) for r in runs]
+            lines.append(f"| {rank} | {method} | {len(runs)} | {cell(o, 3)} | {cell(m, 3)} | "
+                         f"{cell([a / b for a, b in zip(m, o)], 2)} |")
     return "\n".join(lines)
 
 
