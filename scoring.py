@@ -41,6 +41,15 @@ def t_interval(values) -> tuple[float, float]:
     return v.mean().item(), t95(len(v) - 1) * v.std().item() / math.sqrt(len(v))
 
 
+def interval_cell(vals: list[float], digits: int) -> str:
+    """A table cell: the mean and its t-interval's half-width ("0.123 ± 0.045"), the mean alone for one value, "—" for
+    none or a NaN (e.g. diversity with one sample per prompt)."""
+    if not vals or any(math.isnan(v) for v in vals):
+        return "—"
+    mean, half = t_interval(vals)
+    return f"{mean:.{digits}f}" if len(vals) < 2 else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
 def paired_change(aligned: torch.Tensor, base: torch.Tensor) -> dict:
     """Mean paired difference aligned - base over the (prompt, seed) samples and its standard error: base and aligned
     share x_T, so the paired error is the one that says whether a change within one run is real. It is not the

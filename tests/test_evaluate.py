@@ -12,6 +12,7 @@ import config
 import evaluate as E
 import protocol as P
 import imagereward
+import probe_tables
 import results
 import rewards
 import scoring
@@ -176,7 +177,7 @@ def test_every_row_has_its_own_files():
 
 
 def test_probe_tables_from_known_rows():
-    """results.py's probe tables: the t-interval over seeds per (task, method, steps), in-sample cells naming how
+    """probe_tables.py: the t-interval over seeds per (task, method, steps), in-sample cells naming how
     many seeds they hold, and each method's share of the oracle's gain paired by seed and rank."""
     def row(method, seed, left, right, **kw):
         return {"task": "opposite", "method": method, "seed": seed, "steps": 150,
@@ -184,10 +185,10 @@ def test_probe_tables_from_known_rows():
     p = {"rows": [row("oracle: a LoRA per relation", 0, 0.2, 0.2), row("oracle: a LoRA per relation", 1, 0.4, 0.4),
                   row("HyperAlign-I", 0, 0.1, 0.1, gain_in_sample={"left of": 0.5, "right of": 0.5}),
                   row("HyperAlign-I", 1, 0.1, 0.1), row("HyperAlign-I", 0, 9.0, 9.0, head_gain=1.0)]}
-    table = results.probe_table(p)
+    table = probe_tables.probe_table(p)
     assert "| opposite | HyperAlign-I | 150 | 2 | 0.100 ± 0.000 | 0.100 ± 0.000 | 0.500 (1 seed) |" in table
     assert "| opposite | HyperAlign-I, head gain 1 | 150 | 1 | 9.000 |" in table
-    shares = results.probe_share_table(p).splitlines()
+    shares = probe_tables.probe_share_table(p).splitlines()
     mean, half = scoring.t_interval([0.1 / 0.2, 0.1 / 0.4])
     assert shares[2] == f"| 4 | HyperAlign-I | 2 | 0.300 ± {scoring.t_interval([0.2, 0.4])[1]:.3f} | 0.100 ± 0.000 | " \
                         f"{mean:.2f} ± {half:.2f} |" and len(shares) == 3               # the head-gain run left out
