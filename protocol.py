@@ -264,6 +264,22 @@ class Val:
         self.base_cfg = RunConfig.from_preset(model, no_eval=True, save_every=10_000,
                                               threads=torch.get_num_threads())
 
+    def base(self) -> dict:
+        """The base model's val scores (every 'val' prompt x 2 samples)."""
+        return scoring.measure(scoring.sampler(self.pipe, lambda c: self.pipe.backbone), self.pipe, self.val, [0, 1],
+                               self.score, toy_judge.judge, desc="val base")[0]
+
+    def figures(self, m: dict) -> dict:
+        """What a search row records of val scores `m`: the choosing reward and the judge's parts."""
+        return {"reward": m[self.key], "judge": m["judge/overall"], "position": m["judge/position"],
+                "binding": m["judge/binding"]}
+
+
+def best(rows: list[dict], base: dict) -> dict:
+    """The search's rule: the highest val reward among `rows` whose val judge is not below the base model's (all
+    rows, if none is)."""
+    return max([r for r in rows if r["judge"] >= base["judge/overall"]] or rows, key=lambda r: r["reward"])
+
 
 def on_val(kind: str, cfg: RunConfig, v: Val) -> dict:
     """A run trained (or reused, `trained`) with `cfg`, scored on every 'val' prompt x 2 samples (kept in the run
@@ -275,8 +291,7 @@ def on_val(kind: str, cfg: RunConfig, v: Val) -> dict:
     m = scored_once(os.path.join(cfg.out, "val.json"), lambda: scoring.measure(
         scoring.sampler(v.pipe, lambda c: method.sampler_model(c, v.pipe.steps)), v.pipe, v.val, [0, 1], v.score,
         toy_judge.judge, desc=f"val {kind}")[0])
-    return {"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", "reward": m[v.key],
-            "judge": m["judge/overall"], "position": m["judge/position"], "binding": m["judge/binding"],
+    return {"method": "HyperAlign-I" if kind == "hyperalign" else "static LoRA", **v.figures(m),
             "adaptivity": runs.adaptivity(method, v.pipe, v.val)["x_T"] if kind == "hyperalign" else 0.0}
 
 
@@ -302,16 +317,12 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
     score disjoint parts of the grid that can be run now (stage 2 once stage 1 is scored) and return."""
     v = Val(rewards)
     pipe, score, val, key, base_cfg = v.pipe, v.score, v.val, v.key, v.base_cfg
-    base = scoring.measure(scoring.sampler(pipe, lambda c: pipe.backbone), pipe, val, [0, 1], score, toy_judge.judge,
-                           desc="val base")[0]
+    base = v.base()
     lrs = {"hyperalign": base_cfg.lr, "static": config.static("toy-sd")["lr"]}
     part, parts = p.search_part
 
     def folder(kind, mode, frm, lr):
         return os.path.join(p.out, "search", f"{kind}-{mode}-{frm:g}-{lr:g}")
-
-    def best(rows):
-        return max([r for r in rows if r["judge"] >= base["judge/overall"]] or rows, key=lambda r: r["reward"])
 
     grid1 = [(kind, mode, frm, lrs[kind]) for kind in lrs for mode, frm in SEARCH_WHERE]
     done1 = all(os.path.isfile(os.path.join(folder(*g), "val.json")) for g in grid1)
@@ -320,7 +331,7 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
         rows1 = [dict(on_val(g[0], replace(base_cfg, reward_mode=g[1], reward_from=g[2], lr=g[3], out=folder(*g)), v),
                       setting={"reward_mode": g[1], "reward_from": g[2], "lr": g[3]}) for g in grid1]
         mode, frm = (lambda r: (r["setting"]["reward_mode"], r["setting"]["reward_from"]))(
-            best([r for r in rows1 if r["method"] == "HyperAlign-I"]))
+            best([r for r in rows1 if r["method"] == "HyperAlign-I"], base))
         todo = [(kind, mode, frm, lr) for kind in lrs for lr in SEARCH_LR]
     for i, (kind, mode, frm, lr) in enumerate(todo):
         if parts > 1 and i % parts != part:
@@ -338,7 +349,7 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
         r["stage"] = 2
     found = {"where": {"reward_mode": mode, "reward_from": frm}}
     for method in ("HyperAlign-I", "static LoRA"):
-        pick = best([r for r in out if r["method"] == method])
+        pick = best([r for r in out if r["method"] == method], base)
         pick["chosen"] = True
         found[method] = pick["setting"]
     guidance = []
@@ -346,16 +357,12 @@ def search(p: "Protocol", rewards: Rewards) -> dict:
         m = scored_once(os.path.join(p.out, "search", f"guidance-{rho:g}", "val.json"), lambda: scoring.measure(
             guidance_gen(pipe, rewards(base_cfg.reward), rho), pipe, val, [0], score, toy_judge.judge,
             desc=f"val guidance {rho}")[0])
-        guidance.append({"method": "guidance", "setting": {"rho": rho}, "reward": m[key], "judge": m["judge/overall"],
-                         "position": m["judge/position"], "binding": m["judge/binding"], "stage": 2})
-    pick = best(guidance)
+        guidance.append({"method": "guidance", "setting": {"rho": rho}, **v.figures(m), "stage": 2})
+    pick = best(guidance, base)
     pick["chosen"] = True
     found["guidance"] = pick["setting"]
     record = {"split": f"val: {len(val)} prompts x 2 samples (guidance x 1), training seed 0",
-              "reward": key.split("/")[1], "base": {"reward": base[key], "judge": base["judge/overall"],
-                                                    "position": base["judge/position"],
-                                                    "binding": base["judge/binding"]},
-              "runs": rows1 + out + guidance, "chosen": found}
+              "reward": key.split("/")[1], "base": v.figures(base), "runs": rows1 + out + guidance, "chosen": found}
     os.makedirs(p.results, exist_ok=True)
     files.write_json(os.path.join(p.results, "search.json"), record)
     return record
@@ -366,8 +373,7 @@ def lr_search(p: "Protocol", rewards: Rewards, model: str) -> dict:
     L_R, training seed 0, every 'val' prompt x 2 samples, chosen by the same rule. -> search-MODEL.json. The chosen
     rates are what the tables of that model then use (config.py)."""
     v = Val(rewards, model)
-    base = scoring.measure(scoring.sampler(v.pipe, lambda c: v.pipe.backbone), v.pipe, v.val, [0, 1], v.score,
-                           toy_judge.judge, desc=f"val base {model}")[0]
+    base = v.base()
     part, parts = p.search_part
     grid, out = [(kind, lr) for kind in ("hyperalign", "static") for lr in SEARCH_LR], []
     for i, (kind, lr) in enumerate(grid):
@@ -383,15 +389,11 @@ def lr_search(p: "Protocol", rewards: Rewards, model: str) -> dict:
         return {"chosen": f"part {part} of {parts} done; then --search without --search-part to choose"}
     found = {}
     for method in ("HyperAlign-I", "static LoRA"):
-        pick = max([r for r in out if r["method"] == method and r["judge"] >= base["judge/overall"]] or
-                   [r for r in out if r["method"] == method], key=lambda r: r["reward"])
+        pick = best([r for r in out if r["method"] == method], base)
         pick["chosen"] = True
         found[method] = pick["setting"]
     record = {"split": f"val: {len(v.val)} prompts x 2 samples, training seed 0, {model}",
-              "reward": v.key.split("/")[1], "base": {"reward": base[v.key], "judge": base["judge/overall"],
-                                                      "position": base["judge/position"],
-                                                      "binding": base["judge/binding"]},
-              "runs": out, "chosen": found}
+              "reward": v.key.split("/")[1], "base": v.figures(base), "runs": out, "chosen": found}
     files.write_json(os.path.join(p.results, f"search-{model}.json"), record)
     return record
 

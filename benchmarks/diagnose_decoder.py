@@ -8,13 +8,14 @@ Every RUN is a HyperAlign run folder (train.py, the protocol's runs/table/..., o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import diagnostics  # noqa: E402
+import files  # noqa: E402
+import rundir  # noqa: E402
 import runs  # noqa: E402
 from toy import world  # noqa: E402
 
@@ -29,7 +30,10 @@ def main(argv=None) -> None:
     flipped = [q.replace(" left of ", " right of ") for q in left]
     pipe, out = None, {"what": __doc__.split("\n")[0], "pairs": len(left), "runs": {}}
     for run in a.runs:
-        saved = json.load(open(os.path.join(run, "config.json")))
+        try:
+            saved = rundir.read_config(run)
+        except ValueError as e:                                  # a missing, unreadable or edited config.json
+            p.error(str(e))
         if saved.get("method") != "hyperalign":
             p.error(f"{run}: not a HyperAlign run")
         if pipe is None:
@@ -42,8 +46,7 @@ def main(argv=None) -> None:
         print(f"{run}: entropy {t['attention'][0]['entropy']:.3f}; M edit/prompts {t['M']['edit']:.3f}/"
               f"{t['M']['prompts']:.3f} (init {i['M']['edit']:.3f}/{i['M']['prompts']:.3f}); head moved "
               f"{report['moved']['head']:.2f}x, other weights {report['moved']['other_median']:.3f}", flush=True)
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=1)
+    files.write_json(a.json, out)
     print(f"wrote {a.json}")
 
 

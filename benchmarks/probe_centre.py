@@ -6,8 +6,8 @@ over the training prompts at initialisation, so that the head reads how a prompt
 The hypernetwork's head reads LayerNorm'd decoder tokens h whose larger part is the same for every prompt (a relation
 flip moves h by ~0.4 of its norm). Here the head reads h − h̄₀ instead, h̄₀ the mean of h over the training prompts
 for the decoder at initialisation (its frozen copy decoder⁰, so a loaded run gets the centre it trained with), from
-a fixed x_T at the first step. Δθ stays 0 at initialisation. The decoder's forward and HyperAlign's construction are
-replaced for this process only; nothing else changes.
+a fixed x_T at the first step. Δθ stays 0 at initialisation. HyperAlign's construction and the loading of a run are
+wrapped for this process only (hooks on the heads); nothing else changes.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-from einops import rearrange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,27 +24,21 @@ import probe_adaptive as probe  # noqa: E402
 import runs  # noqa: E402
 
 
-def centred_forward(self, levels, text, emb):
-    """hyperalign.Decoder.forward with the head reading h − centre (none while the centre is being measured)."""
-    dtype = self.head.weight.dtype
-    sources = [*levels, text, emb[:, None]]
-    kv = torch.cat([p(x.to(dtype)) + self.source[j] for j, (p, x) in enumerate(zip(self.proj, sources))], 1)
-    q = (self.queries + self.pos).expand(kv.shape[0], -1, -1)
-    for layer in self.layers:
-        q = layer(q, kv)
-    self.h = self.ln_f(q)
-    centre = getattr(self, "centre", None)
-    return rearrange(self.head(self.h if centre is None else self.h - centre), "B T (R S) -> B T R S", R=self.rank)
-
-
 def set_centre(ha, pipe, prompts: list[str]) -> None:
+    """Measure h̄₀ with decoder⁰ and make both decoders' heads read h − h̄₀ (forward pre-hooks on the heads; any
+    centring set before, e.g. at construction when a run is loaded, is removed first)."""
+    for hook in getattr(ha, "centre_hooks", []):
+        hook.remove()
+    d0, seen = ha.hypernet.decoder0, []
+    hook = d0.head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     with torch.no_grad():
-        d0 = ha.hypernet.decoder0
-        d0.centre = None
         cond, _ = pipe.conds(prompts)
         t = pipe.t_batch(pipe.timesteps()[0], len(prompts))
         d0(*ha.backbone.features(pipe.noise(len(prompts), torch.Generator().manual_seed(12345)), t, cond))
-        ha.hypernet.decoder.centre = d0.centre = d0.h.mean(0)                             # (T, D)
+    hook.remove()
+    centre = seen[0].mean(0)                                                          # (T, D)
+    ha.centre_hooks = [d.head.register_forward_pre_hook(lambda m, args: (args[0] - centre,))
+                       for d in (ha.hypernet.decoder, d0)]
 
 
 def main(argv=None) -> None:
@@ -61,7 +54,7 @@ def main(argv=None) -> None:
         if isinstance(method, hyperalign.HyperAlign):
             set_centre(method, pipe, prompts)
         return method, saved
-    hyperalign.Decoder.forward, hyperalign.HyperAlign.__init__ = centred_forward, centred_init
+    hyperalign.HyperAlign.__init__ = centred_init
     runs.load_trained = centred_load
     argv = list(sys.argv[1:] if argv is None else argv)
     probe.main(argv if "--tag" in argv else [*argv, "--tag", "head input centred"])
