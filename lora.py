@@ -12,7 +12,7 @@ names, `torch.func.functional_call` and nn.Linear. Δθ = s·B·A with the usual
             model runs through `functional_call` with them; every row of the model batch (e.g. the two CFG copies)
             shares them. The fast path at batch 1, and the one the CUDA-graph path (accel.py) captures.
   PerSample B samples, each its own LoRA. Each target's forward runs the model batch (N = K·B rows, K copies of the B
-            samples stacked (K B): row r is sample r mod B) as a (K B)-batch of matrix products on a view of x:
+            samples stacked (K B): row r is sample r mod B) as a batch of matrix products on views of x:
             unmerged, y = x·Wᵀ + s·(x·A_bᵀ)·B_bᵀ: the base matmul shared, two thin products (R ≪ I, O), no
             per-sample copy of W, as multi-LoRA serving does it; or, when B copies of the target weights are small
             (PER_SAMPLE_MERGE: the toy models), merged per sample, y = x·(W + s·B_b·A_b)ᵀ.
@@ -117,27 +117,36 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
 @dataclass(frozen=True)
 class PerSample:
     """B samples' LoRAs for the rows of a model batch (see the module docstring): the batched factors, the scale, and
-    per target either the per-sample weights W + s·B_b·A_b, (B, O, I), when they are small (`merged`), or nothing
-    (the LoRA runs unmerged)."""
+    per target either the per-sample weights transposed, (W + s·B_b·A_b)ᵀ (B, I, O), when they are small (`merged`),
+    or nothing (the LoRA runs unmerged)."""
     factors: Factors
     scale: float
     merged: dict[str, Tensor] = field(default_factory=dict)
-    tiles: dict = field(default_factory=dict, repr=False)    # (target, K, dtype) -> the operands tiled K times
+    tiles: dict = field(default_factory=dict, repr=False)    # (target, K, dtype) -> operands tiled K times, or None
 
     @property
     def samples(self) -> int:
         return next(iter(self.factors.values()))[0].shape[0]
 
-    def tiled(self, name: str, k: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """Target `name`'s per-sample operands for K copies of the batch, as a (K B)-batch of matrices (row block r
-        is sample r mod B): the merged weights transposed (K B, I, O), or Aᵀ (K B, I, R) and Bᵀ (K B, R, O)."""
+    def operands(self, name: str, k: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """Target `name`'s per-sample operands as a batch of matrices: the merged (B, I, O), or Aᵀ (B, I, R) and
+        Bᵀ (B, R, O); tiled to the K copies of the model batch, (K B, ...) (row block r is sample r mod B), from the
+        second call with K copies on.
+        NOTE: one product over the K B rows runs faster than K products over B rows (toy SD, K = 2, batch 4: the
+        LoRA model call at 1.04x the base model's against 1.11x), but the tiled copy is made per LoRA, and for S,
+        which makes a new LoRA every step, making it cost more than it saved (prepare and one call: 23 ms against
+        18 ms; one interleaved micro-benchmark, 40 repeats). So a LoRA called once (S, training) runs one product
+        per copy, and a reused one (I, P) is tiled at its second call.
+        """
         key = (name, k, dtype)
-        if key not in self.tiles:
-            ops = (self.merged[name].transpose(1, 2),) if name in self.merged else \
-                tuple(m.transpose(1, 2) for m in self.factors[name])
-            # NOTE: contiguous even at K = 1: bmm with a transposed view of the weights measured 1.27x the base model
-            # on toy FLUX at batch 16 against 1.14x contiguous (one interleaved run, 11 repeats, another job running)
-            self.tiles[key] = tuple(m.to(dtype).repeat(k, 1, 1) for m in ops)
+        if self.tiles.get(key) is not None:
+            return self.tiles[key]
+        ops = (self.merged[name],) if name in self.merged else tuple(m.transpose(1, 2) for m in self.factors[name])
+        ops = tuple(m.to(dtype) for m in ops)
+        if k > 1 and key not in self.tiles:
+            self.tiles[key] = None                   # first call with K copies: one product per copy, nothing kept
+            return ops
+        self.tiles[key] = tuple(m.repeat(k, 1, 1) for m in ops) if k > 1 else ops
         return self.tiles[key]
 
 
@@ -161,28 +170,40 @@ def prepare(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tenso
     b, Ws = A.shape[0], {n: submodule(model, n).weight for n in factors}
     if b * sum(W.numel() for W in Ws.values()) > PER_SAMPLE_MERGE:
         return PerSample(factors, scale)
-    return PerSample(factors, scale, {n: torch.baddbmm(Ws[n].expand(b, -1, -1), B.to(Ws[n].dtype), A.to(Ws[n].dtype),
-                                                       alpha=scale) for n, (A, B) in factors.items()})  # (B, O, I)
+    # NOTE: formed as (B, I, O), the layout the products read (no transposed copy per LoRA), from a contiguous Wᵀ:
+    # from the view W.t() baddbmm took 2.3-2.8x as long (toy SD's shapes, batch 4 and 16).
+    merged = {}
+    for n, (A, B) in factors.items():
+        dtype = Ws[n].dtype
+        merged[n] = torch.baddbmm(Ws[n].t().contiguous().expand(b, -1, -1), A.transpose(1, 2).to(dtype),
+                                  B.transpose(1, 2).to(dtype), alpha=scale)              # (B, I, O)
+    return PerSample(factors, scale, merged)
 
 
 def _per_sample_linear(module: nn.Linear, name: str, weights: PerSample):
     """The forward of target `name` with each sample's LoRA on its rows: x (N = K·B, ..., I) -> (N, ..., O), as a
-    (K B)-batch of matrix products on a view of x (no activation is copied): merged, x·(W + s·B_b·A_b)ᵀ + bias;
-    unmerged, x·Wᵀ + bias + s·(x·A_bᵀ)·B_bᵀ."""
+    batch of matrix products on views of x (no activation is copied), over all K B rows at once or one copy of the
+    B samples at a time (PerSample.operands): merged, x·(W + s·B_b·A_b)ᵀ + bias; unmerged, x·Wᵀ + bias +
+    s·(x·A_bᵀ)·B_bᵀ."""
     def forward(x: Tensor) -> Tensor:
         n, b = x.shape[0], weights.samples
         if n % b:
             raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
-        ops = weights.tiled(name, n // b, x.dtype)
+        ops = weights.operands(name, n // b, x.dtype)
         x3 = x.reshape(n, -1, x.shape[-1])                                               # (K B, L, I)
-        if len(ops) == 1 and module.bias is None:
-            y = torch.bmm(x3, ops[0])                                                    # (K B, L, O)
-        elif len(ops) == 1:
-            y = torch.baddbmm(module.bias.to(x.dtype).expand(n, x3.shape[1], -1), x3, ops[0])
-        else:
-            y = torch.baddbmm(F.linear(x3, module.weight, module.bias), torch.bmm(x3, ops[0]), ops[1],
-                              alpha=weights.scale)
+        if ops[0].shape[0] == n:
+            y = product(x3, ops)                                                         # (K B, L, O)
+        else:                                                                            # a copy of the B at a time
+            y = torch.cat([product(xs, ops) for xs in x3.split(b)])
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def product(x3: Tensor, ops: tuple[Tensor, ...]) -> Tensor:
+        if len(ops) == 1 and module.bias is None:
+            return torch.bmm(x3, ops[0])
+        if len(ops) == 1:
+            return torch.baddbmm(module.bias.to(x3.dtype).expand(*x3.shape[:2], -1), x3, ops[0])
+        return torch.baddbmm(F.linear(x3, module.weight, module.bias), torch.bmm(x3, ops[0]), ops[1],
+                             alpha=weights.scale)
     return forward
 
 

@@ -160,8 +160,8 @@ def flux_case(batch: int):
 @pytest.mark.parametrize("k", [1, 2])                              # k = 2: CFG copies share their sample's LoRA
 @pytest.mark.parametrize("budget", [0, 2 ** 23])                   # 0: unmerged; else merged per sample
 def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, monkeypatch):
-    """Both per-sample paths (unmerged, and merged per sample) = each sample with its own merged weights (a loop),
-    outputs and the gradients of every factor, on the inline U-Net-like model (SD targets) and the tiny FLUX (its
+    """Both per-sample paths (unmerged, and merged per sample), at their first and second call, = each sample with its
+    own merged weights (a loop), outputs and the gradients of every factor, on the inline U-Net-like model (SD targets) and the tiny FLUX (its
     double-block targets).
     NOTE: in float64: with random factors the attention is nearly saturated, and the gradients of q / k through a
     saturated softmax are dominated by float32 rounding (measured 6e-3 apart in fp32, both paths; outputs 1e-7)."""
@@ -178,7 +178,7 @@ def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, m
             args = (torch.randn(n, 16, cfg.in_channels), image_ids(n, 8, 8), torch.randn(n, 5, cfg.context_in_dim),
                     torch.zeros(n, 5, 3), torch.rand(n), torch.randn(n, cfg.vec_in_dim), torch.full((n,), 3.5))
         grads, outs = [], []
-        for fn in (lambda f, *a: lora.run(model, lora.prepare(model, f, 0.5), *a),
+        for fn in (lambda f, *a: twice(model, lora.prepare(model, f, 0.5), *a),
                    lambda f, *a: loop(model, f, 0.5, *a)):
             f = {n: (A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for n, (A, B) in factors.items()}
             y = fn(f, *args)
@@ -199,7 +199,15 @@ def test_per_sample_equals_a_loop_in_float32(budget, monkeypatch):
     monkeypatch.setattr(lora, "PER_SAMPLE_MERGE", budget)
     model, _, factors = make(batch=3)
     args = inputs(6)
-    assert rel_err(lora.run(model, lora.prepare(model, factors, 0.5), *args), loop(model, factors, 0.5, *args)) < 1e-5
+    assert rel_err(twice(model, lora.prepare(model, factors, 0.5), *args), loop(model, factors, 0.5, *args)) < 1e-5
+
+
+def twice(model, weights, *args):
+    """Run prepared per-sample weights twice: the first call runs one product per copy of the batch, the second
+    tiles the weights to all copies (lora.PerSample.operands); both must agree. Returns the second output."""
+    first, second = lora.run(model, weights, *args), lora.run(model, weights, *args)
+    assert rel_err(first, second) < 1e-6
+    return second
 
 
 def test_gradients_reach_only_lora_factors_and_survive_checkpointing():
