@@ -194,17 +194,22 @@ def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, m
 
 @pytest.mark.parametrize("budget", [0, 2 ** 23])
 def test_per_sample_equals_a_loop_in_float32(budget, monkeypatch):
-    """The same in the dtype sampling runs in, outputs only: to fp32 rounding (measured 1.5e-6; the loop of the
-    per-sample vmap path it replaces was held to the same 1e-5)."""
+    """The same as sampling runs it, in float32 and without autograd, outputs only: to fp32 rounding (measured
+    1.5e-6; the loop of the per-sample vmap path it replaces was held to the same 1e-5); the second call runs on the
+    weights tiled to both copies."""
     monkeypatch.setattr(lora, "PER_SAMPLE_MERGE", budget)
     model, _, factors = make(batch=3)
     args = inputs(6)
-    assert rel_err(twice(model, lora.prepare(model, factors, 0.5), *args), loop(model, factors, 0.5, *args)) < 1e-5
+    weights = lora.prepare(model, factors, 0.5)
+    with torch.no_grad():
+        assert rel_err(twice(model, weights, *args), loop(model, factors, 0.5, *args)) < 1e-5
+    assert weights.tiles and all(v is not None for v in weights.tiles.values())
 
 
 def twice(model, weights, *args):
     """Run prepared per-sample weights twice: the first call runs one product per copy of the batch, the second
-    tiles the weights to all copies (lora.PerSample.operands); both must agree. Returns the second output."""
+    (without autograd) tiles the weights to all copies (lora.PerSample.operands); both must agree. Returns the second
+    output."""
     first, second = lora.run(model, weights, *args), lora.run(model, weights, *args)
     assert rel_err(first, second) < 1e-6
     return second
