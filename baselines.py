@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 
 import config
+import methods
 import runs
 
 
@@ -27,7 +28,11 @@ def main(argv=None) -> None:
     # the static LoRA has no variant and no key steps: those flags are not offered
     cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0], exclude=("variant", "key_steps"),
                                           per_preset=config.static, out="runs/static-lora")
-    code = config.cli(lambda: runs.train("static", cfg, resume, overwrite))
+
+    def build(backbone) -> methods.StaticLoRA:        # one LoRA of --hyper's targets and --rank on the frozen model
+        return methods.StaticLoRA(config.hyper_config(cfg), backbone)
+
+    code = config.cli(lambda: runs.train(build, cfg, resume, overwrite))
     if code:
         sys.exit(code)
 

@@ -81,6 +81,11 @@ class HyperConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def lora_step_for(self, k: int, steps: int) -> int:
+        """The step whose state makes the LoRA used at step k of a `steps`-step trajectory (lora_step, this
+        config's variant and key steps)."""
+        return lora_step(self.variant, k, self.key_steps_for(steps))
+
     def key_steps_for(self, steps: int) -> tuple[int, ...]:
         """P's key steps for a trajectory of `steps` steps: calibrated ones rescaled by position (always with 0)."""
         if not self.key_of or steps == self.key_of:
@@ -222,12 +227,19 @@ def frozen_targets(cfg: HyperConfig, backbone: Backbone) -> list[lora.Target]:
 
 class HyperAlign(nn.Module):
     """Backbone (frozen, not a submodule: never saved, never trained) + HyperNet (trained)."""
+    kind = "hyperalign"                                   # what a run folder records (runs.py)
+
     def __init__(self, cfg: HyperConfig, backbone: Backbone):
         super().__init__()
         targets = frozen_targets(cfg, backbone)
         self.cfg, self.backbone = cfg, backbone
         backbone.encoder_depth = cfg.encoder_depth
         self.hypernet = HyperNet(cfg, targets, *backbone.feature_dims())
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The part training optimises and a run folder saves."""
+        return self.hypernet
 
     def factors(self, x_t: Tensor, t: Tensor, cond, net: nn.Module | None = None) -> lora.Factors:
         """Δθ_t = H(E(x_t, t, c)) (Eq. 7), per sample. `net`: the hypernetwork wrapped for DDP (training)."""
@@ -267,8 +279,8 @@ def lora_step(variant: str, k: int, key_steps: tuple[int, ...]) -> int:
     """The one S / I / P rule: the trajectory step whose state x_s makes the LoRA used at step k (0 = x_T).
 
     S: every step makes its own (s = k); I: the first step's serves all (s = 0); P: the LoRA of k's segment, made at
-    the last key step <= k (key steps always include 0). Sampling (Modulated) and training (training_step) both ask
-    this function, so the two cannot disagree.
+    the last key step <= k (key steps always include 0). Sampling (Modulated) and training (losses.draw, through
+    HyperConfig.lora_step_for) both ask this function, so the two cannot disagree.
     """
     if variant == "S":
         return k

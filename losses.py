@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 import distributed
 from backbone import Backbone
-from hyperalign import lora_step
 
 if TYPE_CHECKING:
     from pipeline import Pipeline
@@ -64,7 +63,8 @@ def first_reward_step(steps: int, reward_from: float) -> int:
 @dataclass
 class Draw:
     """One training step's inputs after the rollout, each random choice already made. Where L_R's model step is
-    taken (x_k, t_k) and the state Δθ is made from (x_s, t_s: lora_step(k)); L_G's likewise, on preferred images."""
+    taken (x_k, t_k) and the state Δθ is made from (x_s, t_s: s = HyperConfig.lora_step_for(k)); L_G's likewise, on
+    preferred images."""
     prompts: list[str]
     cond: Tensor
     uncond: Tensor | None
@@ -81,7 +81,7 @@ def draw(method, pipe: "Pipeline", prompts: list[str], pref: dict | None, gen: t
     `reward_from` of the way along; direct-align: and the noise x_0 is re-noised with) and L_G's noise and step.
     Every random draw is made for the global batch and sliced to this rank's `rows` (see training_step)."""
     device, bb, steps = pipe.device, pipe.backbone, pipe.steps
-    which = lambda ks: [lora_step(method.cfg.variant, k, method.cfg.key_steps_for(steps)) for k in ks]  # noqa: E731
+    which = lambda ks: [method.cfg.lora_step_for(k, steps) for k in ks]                           # noqa: E731
     G, prompts = len(prompts), prompts[rows]
     B, on = len(prompts), torch.arange(len(prompts))
     cond, uncond = pipe.conds(prompts)
@@ -144,8 +144,9 @@ def training_step(method, pipe: "Pipeline", reward, prompts: list[str], pref: di
     1. roll out trajectories without gradient with the current method (variant S / I / P) and draw the step's
        randomness (draw);
     2. L_R (Eq. 8): per sample a step k drawn from `reward_from` of the way along, Δθ from the state its variant
-       reads (lora_step(k)); one modulated step at x_k gives x0_hat, decoded and scored. reward_mode "one-step" (the
-       paper): x_k is the rolled-out state and x0_hat its one-step prediction; "direct-align": direct_align_x0_hat;
+       reads (HyperConfig.lora_step_for(k)); one modulated step at x_k gives x0_hat, decoded and scored.
+       reward_mode "one-step" (the paper): x_k is the rolled-out state and x0_hat its one-step prediction;
+       "direct-align": direct_align_x0_hat;
     3. L_G (Eq. 9): a preferred image noised to a step drawn from the whole schedule, Δθ from the noised state its
        variant reads, denoised by the modulated model.
 

@@ -7,6 +7,8 @@
                 With --reward-mode direct-align and SRPO's relative reward it is the Direct-Align / SRPO baseline.
   Oracle        one static LoRA per prompt group, each sample's picked by reading its prompt: what adapting to
                 the prompt by group can add at most (docs/results.md §6).
+  METHODS       the trained methods (HyperAlign, the static LoRA) by the kind a run folder records; `builder`
+                makes runs.train's argument from a kind.
 The test-time methods (Best-of-N, gradient guidance, ε-greedy search, FreeDoM) are in testtime.py, the paper's other
 fine-tuning baselines (Diffusion-DPO, Diffusion-KTO, GRPO) in finetune.py.
 
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 import lora
 from backbone import Backbone
-from hyperalign import HyperConfig, frozen_targets
+from hyperalign import HyperAlign, HyperConfig, frozen_targets
 
 
 # ------------------------------------------------------------------------------------------------------- static LoRA
@@ -36,6 +38,8 @@ class StaticLoRA(nn.Module):
     trains it unchanged: the two methods differ only in where Δθ comes from. Its cfg.variant is "I": one LoRA for
     the whole trajectory, the variant whose structure it shares.
     """
+    kind = "static"                                       # what a run folder records (runs.py)
+
     def __init__(self, cfg: HyperConfig, backbone: Backbone):
         super().__init__()
         self.cfg, self.backbone = HyperConfig(**{**cfg.to_dict(), "variant": "I", "key_steps": ()}), backbone
@@ -47,6 +51,11 @@ class StaticLoRA(nn.Module):
         self.A = nn.ParameterList([nn.Parameter(torch.randn(R, t.in_features) / math.sqrt(t.in_features))
                                    for t in targets])
         self.B = nn.ParameterList([nn.Parameter(torch.zeros(t.out_features, R)) for t in targets])
+
+    @property
+    def trainable(self) -> nn.Module:
+        """The part training optimises and a run folder saves: all of it."""
+        return self
 
     def forward(self) -> lora.Factors:
         return {n: (A, B) for n, A, B in zip(self.names, self.A, self.B)}
@@ -72,6 +81,16 @@ class StaticLoRA(nn.Module):
             fast.weights.load(params)
             return fast
         return lambda x_t, t, c: self.backbone.forward(params, x_t, t, c)
+
+
+METHODS = {"hyperalign": HyperAlign, "static": StaticLoRA}   # the trained methods, by the kind a run folder records
+
+
+def builder(kind: str, cfg) -> Callable[[Backbone], nn.Module]:
+    """runs.train's `build` for a run of `kind` with the architecture of RunConfig `cfg` (config.hyper_config):
+    built on the backbone once the run has loaded it. train.py and baselines.py spell theirs out."""
+    import config
+    return lambda backbone: METHODS[kind](config.hyper_config(cfg), backbone)
 
 
 class Oracle:

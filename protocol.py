@@ -114,7 +114,7 @@ def oracle_gen(pipe, oracle) -> Callable:
     return generate
 
 
-def oracle(row: Row, cfg: RunConfig, pipe, rewards: "Rewards"):
+def oracle(row: Row, cfg: RunConfig, pipe, rewards: "Rewards", reuse_only: bool = False):
     """Train (or reuse) one static LoRA per group of cfg.prompts (row.over["group"]), each on its group's prompts for
     its share of cfg.steps (the group's share of the prompts: together the budget of one shared LoRA, and every
     prompt seen as often as by it); -> (methods.Oracle, seconds)."""
@@ -125,7 +125,7 @@ def oracle(row: Row, cfg: RunConfig, pipe, rewards: "Rewards"):
                        out=os.path.join(cfg.out, re.sub(r"[^a-z0-9+]+", "-", value)))
         given = dict(pipe=pipe, reward=rewards(gcfg.reward),
                      prefs_reader=config.load_prefs(gcfg, config.read_prompts(gcfg.prompts), []))
-        loras[value] = trained("static", gcfg, **given)[0]
+        loras[value] = trained("static", gcfg, reuse_only, **given)[0]
     return methods.Oracle(loras, lambda q: world.group(q, grouping), pipe.backbone), time.time() - t0
 
 
@@ -154,8 +154,14 @@ def guidance_gen(pipe, reward, rho: float) -> Callable:
     return lambda prompts, x_T, seed: pipe.decode(testtime.guidance_sample(pipe, reward, prompts, x_T, rho))
 
 
-def trained(kind: str, cfg: RunConfig, **given):
-    """Train a run (runs.train) unless cfg.out already holds it finished with these settings; then load it."""
+def trained(kind: str, cfg: RunConfig, reuse_only: bool = False, **given):
+    """Train a run (runs.train) unless cfg.out already holds it finished with these settings; then load it.
+    `reuse_only` (timing): load the finished run in cfg.out whatever its settings, train nothing."""
+    if reuse_only:
+        method, saved = runs.load_trained(cfg.out, given["pipe"].backbone)
+        if saved["step"] != cfg.steps:
+            raise rundir.RunError(f"{cfg.out}: trained {saved['step']} of {cfg.steps} steps")
+        return method, 0.0
     done = False
     if os.path.isfile(os.path.join(cfg.out, rundir.POINTER)):
         try:
@@ -165,7 +171,7 @@ def trained(kind: str, cfg: RunConfig, **given):
             done = False
     t0 = time.time()
     if not done:
-        runs.train(kind, cfg, overwrite=True, **given)
+        runs.train(methods.builder(kind, cfg), cfg, overwrite=True, **given)
     return runs.load_trained(cfg.out, given["pipe"].backbone)[0], time.time() - t0
 
 
@@ -195,47 +201,65 @@ def score_row(generate: Callable, pipe, p: "Protocol", score, embed, desc: str,
     return out
 
 
+UNTRAINED = ("base", "best-of-n", "guidance", "eps-greedy", "freedom")
+
+
+def row_config(row: Row, model: str, p: "Protocol", seed: int) -> RunConfig:
+    """The run config of a trained row for one training seed (its run folder under p.out)."""
+    over = {**(config.static(model) if row.kind in ("static", "oracle") else {}),     # the static LoRA's own lr
+            **{k: v for k, v in row.over.items() if k != "group"}}
+    base = RunConfig.from_preset(model, out="", no_eval=True, save_every=10_000, threads=torch.get_num_threads())
+    return replace(base, **over, seed=seed, out=os.path.join(p.out, model, f"{row.of or row.slug}-s{seed}"))
+
+
+def generator(row: Row, model: str, pipe, rewards: Rewards, cfg: RunConfig | None = None,
+              reuse_only: bool = False) -> tuple[Callable, object, float]:
+    """A row's `generate(prompts, x_T, seed) -> images` (scoring.measure), the method behind it and its training
+    seconds: a test-time row from the training reward; a trained row from its run folder cfg.out, trained there
+    first unless it holds the finished run (`reuse_only`: refused instead)."""
+    if row.kind in UNTRAINED:
+        reward = rewards(RunConfig.from_preset(model).reward)
+        return {"base": lambda: scoring.sampler(pipe, lambda c: pipe.backbone),
+                "best-of-n": lambda: best_of_n_gen(pipe, reward, row.over.get("n", 8)),
+                "guidance": lambda: guidance_gen(pipe, reward, row.over.get("rho", 1.0)),
+                "eps-greedy": lambda: search_gen(pipe, reward, row.over),
+                "freedom": lambda: freedom_gen(pipe, reward)}[row.kind](), None, 0.0
+    if row.kind == "oracle":
+        method, train_s = oracle(row, cfg, pipe, rewards, reuse_only)
+        return oracle_gen(pipe, method), method, train_s
+    given = dict(pipe=pipe, reward=rewards(cfg.reward),
+                 prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
+    method, train_s = trained("hyperalign" if row.kind == "averaged" else row.kind, cfg, reuse_only, **given)
+    if row.kind == "averaged":
+        n, probe_seeds = PROBE
+        method = diagnostics.Averaged(method, pipe, world.eval_prompts("unseen", n, seed=7), list(probe_seeds))
+    return scoring.sampler(pipe, lambda c, m=method: m.sampler_model(c, pipe.steps)), method, train_s
+
+
 def run_row(row: Row, model: str, pipe, p: "Protocol", rewards: Rewards) -> dict:
     """Train (every training seed) and score one row; -> the JSON that results.py reads."""
     score = rewards(SCORE)
     embed = scoring.clip_embedder(score)
-    base_cfg = RunConfig.from_preset(model, out="", no_eval=True, save_every=10_000,
-                                     threads=torch.get_num_threads())
     record = {"model": model, "row": row.name, "kind": row.kind, "protocol": {
         "unseen": f"{len(world.eval_prompts('unseen', p.n_prompts))} prompts x {p.sample_seeds} sample seeds",
         "heldout": f"{len(world.eval_prompts('heldout', p.n_prompts))} prompts x {p.heldout_seeds}",
         "score": SCORE}, "seeds": {}}
-    if row.kind in ("base", "best-of-n", "guidance", "eps-greedy", "freedom"):   # nothing trained: one entry
-        train_reward = rewards(base_cfg.reward)
-        generate = {"base": lambda: scoring.sampler(pipe, lambda c: pipe.backbone),
-                    "best-of-n": lambda: best_of_n_gen(pipe, train_reward, row.over.get("n", 8)),
-                    "guidance": lambda: guidance_gen(pipe, train_reward, row.over.get("rho", 1.0)),
-                    "eps-greedy": lambda: search_gen(pipe, train_reward, row.over),
-                    "freedom": lambda: freedom_gen(pipe, train_reward)}[row.kind]()
-        record["settings"] = {"reward": base_cfg.reward, **row.over}
-        record["seeds"]["-"] = score_row(generate, pipe, p, score, embed, row.name, row.samples)
+    if row.kind in UNTRAINED:                                                       # nothing trained: one entry
+        record["settings"] = {"reward": RunConfig.from_preset(model).reward, **row.over}
+        record["seeds"]["-"] = score_row(generator(row, model, pipe, rewards)[0], pipe, p, score, embed, row.name,
+                                         row.samples)
         if row.samples:
             record["protocol"]["unseen"] = f"{record['protocol']['unseen'].split(' x ')[0]} x {row.samples[0]}"
         return record
-    over = {**(config.static(model) if row.kind in ("static", "oracle") else {}),     # the static LoRA's own lr
-            **{k: v for k, v in row.over.items() if k != "group"}}
     for seed in p.train_seeds:
-        cfg = replace(base_cfg, **over, seed=seed, out=os.path.join(p.out, model, f"{row.of or row.slug}-s{seed}"))
+        cfg = row_config(row, model, p, seed)
         record["settings"] = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
         if row.kind == "oracle":
-            method, train_s = oracle(row, cfg, pipe, rewards)
             record["settings"]["group"] = row.over["group"]
-            generate = oracle_gen(pipe, method)
-        else:
-            given = dict(pipe=pipe, reward=rewards(cfg.reward),
-                         prefs_reader=config.load_prefs(cfg, config.read_prompts(cfg.prompts), []))
-            method, train_s = trained("hyperalign" if row.kind == "averaged" else row.kind, cfg, **given)
-            if row.kind == "averaged":
-                n, probe_seeds = PROBE
-                probe = world.eval_prompts("unseen", n, seed=7)
-                method = diagnostics.Averaged(method, pipe, probe, list(probe_seeds))
-                record["settings"]["averaged_over"] = f"{n} 'unseen' prompts (random) x seeds {list(probe_seeds)}"
-            generate = scoring.sampler(pipe, lambda c, m=method: m.sampler_model(c, pipe.steps))
+        if row.kind == "averaged":
+            n, probe_seeds = PROBE
+            record["settings"]["averaged_over"] = f"{n} 'unseen' prompts (random) x seeds {list(probe_seeds)}"
+        generate, method, train_s = generator(row, model, pipe, rewards, cfg)
         figures = score_row(generate, pipe, p, score, embed, f"{row.name} s{seed}")
         if row.kind not in ("averaged", "oracle"):
             figures["adaptivity"] = runs.adaptivity(method, pipe, world.eval_prompts("unseen", None))

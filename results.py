@@ -52,18 +52,22 @@ def rewards(rows: dict[str, dict]) -> list[str]:
     return next(iter(rows.values()))["protocol"]["score"].split(",")
 
 
-def table(rows: dict[str, dict], split: str) -> str:
+def table(rows: dict[str, dict], split: str, times: dict[str, float] | None = None) -> str:
+    """A model's rows on one split. `s / image` and `× base`: from `times` (benchmarks/time_rows.py, every row timed
+    alone) where given, else the protocol's own time (the fastest over training seeds)."""
     columns = [(f"reward/{name}", name, 1 if name.endswith("clip") else 3) for name in rewards(rows)] + COLUMNS
     cols = [c for c in columns if any(values(r, split, c[0]) for r in rows.values())]
     head = ["row", "seeds", *[c[1] for c in cols], "adaptivity", "s / image", "× base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base_time = values(rows["base"], split, "sec_per_image") if "base" in rows else []
+    seconds = (lambda name, r: [times[name]] if name in times else []) if times is not None else \
+        (lambda name, r: values(r, split, "sec_per_image"))
+    base_time = seconds("base", rows["base"]) if "base" in rows else []
     for name, r in rows.items():
         if not any(split in s for s in r["seeds"].values()):              # not scored on this split (ε-greedy)
             continue
         seeds = "—" if list(r["seeds"]) == ["-"] else str(len(r["seeds"]))
         adapt = [s["adaptivity"]["x_T"] for s in r["seeds"].values() if "adaptivity" in s]
-        t = values(r, split, "sec_per_image")
+        t = seconds(name, r)
         ratio = f"{min(t) / min(base_time):.1f}" if t and base_time else "—"
         lines.append("| " + " | ".join([name, seeds, *[cell(values(r, split, k), d) for k, _, d in cols],
                                           spread(adapt), f"{min(t):.3f}" if t else "—", ratio]) + " |")
@@ -186,12 +190,16 @@ def blocks(results: str) -> dict[str, str]:
         rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else 99)}
         proto = next(iter(rows.values()))["protocol"]
         main = {k: v for k, v in rows.items() if not any(h in k for h in HEADROOM_ROWS)}
-        out[f"{model}-unseen"] = f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" + table(main, "unseen")
-        out[f"{model}-heldout"] = f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" + table(main, "heldout")
+        timing = os.path.join(results, model, "timing.json")
+        times = files.read_json(timing, "timing")["sec_per_image"] if os.path.isfile(timing) else None
+        out[f"{model}-unseen"] = (f"*{model}, 'unseen' prompts ({proto['unseen']}):*\n\n" +
+                                  table(main, "unseen", times))
+        out[f"{model}-heldout"] = (f"*{model}, 'heldout' compositions ({proto['heldout']}):*\n\n" +
+                                   table(main, "heldout", times))
         out[f"{model}-claims"] = claims(main)
         extra = {k: v for k, v in rows.items() if k not in main or k in ("base", "static LoRA", "HyperAlign-I")}
         if len(extra) > 3:
-            out[f"{model}-headroom-rows"] = table(extra, "unseen")
+            out[f"{model}-headroom-rows"] = table(extra, "unseen", times)
             out[f"{model}-headroom"] = headroom(rows)
     for name in ("search", "search-toy-flux", "search-v1", "search-head1", "search-clamped", "search-first"):
         path = os.path.join(results, f"{name}.json")

@@ -1,7 +1,7 @@
 """The training of a run, shared by train.py (HyperAlign) and baselines.py (the static LoRA): load and check every
 input, start the run folder (rundir.py) or resume it, fit, evaluate against the base model, report.
 
-    train(kind, cfg, resume, overwrite)    the whole run: load_inputs -> start_or_resume -> fit -> report
+    train(build, cfg, resume, overwrite)   the whole run: load_inputs -> start_or_resume -> fit -> report
     load_trained(out, backbone)            rebuild a trained method from its run folder (sample.py, evaluate.py, ...)
 """
 from __future__ import annotations
@@ -10,8 +10,10 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import config
@@ -23,6 +25,7 @@ import losses
 import prefs
 import rundir
 import scoring
+from backbone import Backbone
 from config import RunConfig
 from rundir import RunError
 from toy import judge as toy_judge
@@ -41,13 +44,12 @@ def load_trained(out: str, backbone, device=None):
         kind = saved["method"]
     except (KeyError, TypeError) as e:
         raise RunError(f"{os.path.join(out, rundir.CONFIG)}: not a run config ({e})") from None
-    if kind not in ("hyperalign", "static"):
+    if kind not in methods.METHODS:
         raise RunError(f"{os.path.join(out, rundir.CONFIG)}: unknown method {kind!r}")
-    method = hyperalign.HyperAlign(hcfg, backbone) if kind == "hyperalign" else methods.StaticLoRA(hcfg, backbone)
-    module = method.hypernet if kind == "hyperalign" else method
+    method = methods.METHODS[kind](hcfg, backbone)
     weights, _, step = rundir.load(out)
-    check_state_dict(module, weights, f"{out} (trained for another model?)")
-    module.load_state_dict(weights, strict=True)
+    check_state_dict(method.trainable, weights, f"{out} (trained for another model?)")
+    method.trainable.load_state_dict(weights, strict=True)
     saved["step"] = step
     return (method.to(device) if device is not None else method), saved
 
@@ -207,17 +209,18 @@ def report(method, module: torch.nn.Module, cfg: RunConfig, inp: Inputs, name: s
     return metrics
 
 
-def train(kind: str, cfg: RunConfig, resume: bool = False, overwrite: bool = False, **given) -> dict:
-    """A whole run: "hyperalign" (train.py) or "static" (baselines.py) per `cfg`, from loading to the summary.
+def train(build: Callable[[Backbone], nn.Module], cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+          **given) -> dict:
+    """A whole run per `cfg`, from loading to the summary, of the method `build(backbone)` makes on the loaded
+    backbone: HyperAlign (train.py) or methods.StaticLoRA (baselines.py); its `kind` is what the run folder records.
     `given`: pipe, reward, prefs_reader, judge objects to use instead of loading them (tests, evaluate.py)."""
-    import methods
     t0 = time.time()
     inp = load_inputs(cfg, resume, overwrite, **given)
+    method = build(inp.pipe.backbone).to(inp.device)
+    kind, module = method.kind, method.trainable
     if kind == "hyperalign":
-        method = hyperalign.HyperAlign(config.hyper_config(cfg), inp.pipe.backbone).to(inp.device)
-        module, name = method.hypernet, f"HyperAlign-{cfg.variant}"
+        name = f"HyperAlign-{method.cfg.variant}"
     else:
-        method = module = methods.StaticLoRA(config.hyper_config(cfg), inp.pipe.backbone).to(inp.device)
         name = {"dpo": "Diffusion-DPO", "kto": "Diffusion-KTO", "grpo": "GRPO"}.get(
             cfg.objective, "static LoRA" if cfg.reward_mode == "one-step" else "Direct-Align")
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=0.0)

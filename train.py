@@ -24,12 +24,17 @@ from __future__ import annotations
 import sys
 
 import config
+import hyperalign
 import runs
 
 
 def main(argv=None) -> None:
     cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0], exclude=config.BASELINE_FLAGS)
-    code = config.cli(lambda: runs.train("hyperalign", cfg, resume, overwrite))
+
+    def build(backbone) -> hyperalign.HyperAlign:     # the hypernetwork of --hyper, --variant, --rank on the frozen model
+        return hyperalign.HyperAlign(config.hyper_config(cfg), backbone)
+
+    code = config.cli(lambda: runs.train(build, cfg, resume, overwrite))
     if code:
         sys.exit(code)
 

@@ -69,7 +69,7 @@ def train(kind: str, cfg, prompts: list[str], pipe, reward, tmp: str, out: str |
     with open(path, "w") as f:
         f.write("\n".join(prompts))
     cfg = replace(cfg, prompts=path, out=out or os.path.join(tmp, os.path.basename(path)[:-4]))
-    runs.train(kind, cfg, overwrite=True, pipe=pipe, reward=reward)
+    runs.train(methods.builder(kind, cfg), cfg, overwrite=True, pipe=pipe, reward=reward)
     return runs.load_trained(cfg.out, pipe.backbone)[0]
 
 

@@ -4,7 +4,7 @@ reward over the base sample from the same noise; Direct-Align trains; SRPO's rel
 import pytest
 import torch
 from conftest import rel_err
-from tiny import pref_pairs, redness, run_cfg, tiny_pipe
+from tiny import pref_pairs, redness, run_cfg, tiny_pipe, train_run
 
 import baselines
 import hyperalign as H
@@ -32,7 +32,7 @@ def test_static_lora_starts_as_the_base_model_then_moves_and_raises_the_reward(t
     sl = methods.StaticLoRA(cfg(pipe), pipe.backbone)
     base = sample(pipe, pipe.backbone, x_T)
     assert torch.equal(sample(pipe, sl.sampler_model(), x_T), base)                 # B = 0: exactly the base model
-    m = runs.train("static", run_cfg(tmp_path / "r", tmp_path, steps=4, lr=2e-2, lambda_reg=0.1), pipe=pipe,
+    m = train_run("static", run_cfg(tmp_path / "r", tmp_path, steps=4, lr=2e-2, lambda_reg=0.1), pipe=pipe,
                    reward=redness, prefs_reader=pref_pairs())
     assert m["method"] == "static LoRA" and m["eval"]["eval"]["change"]["reward/reward"]["mean"] > 0
     sl, saved = runs.load_trained(str(tmp_path / "r"), pipe.backbone)
@@ -79,7 +79,7 @@ def test_direct_align_trains_a_static_lora(kind, tmp_path):
     pipe = tiny_pipe(kind, steps=3)
     c = run_cfg(tmp_path / "da", tmp_path, kind, steps=2, reward_mode="direct-align", reward_from=0.0,
                 lambda_reg=0.0, no_eval=True)
-    m = runs.train("static", c, pipe=pipe, reward=redness)
+    m = train_run("static", c, pipe=pipe, reward=redness)
     assert m["method"] == "Direct-Align"
     sl, _ = runs.load_trained(c.out, pipe.backbone)
     assert any(b.abs().sum() > 0 for b in sl.B)                                    # the LoRA moved off zero

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from tiny import pref_pairs, redness, tiny_pipe
+from tiny import pref_pairs, redness, tiny_pipe, train_run
 
 import config
 import evaluate as E
@@ -88,6 +88,16 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     assert f"{mean:.3f} ± {half:.3f}" in row and "| 2 |" in row
     assert "| HyperAlign-I − static LoRA |" in blocks["toy-sd-claims"]
     assert "| HyperAlign-I − HyperAlign-I, LoRA averaged |" in blocks["toy-sd-claims"]
+    # benchmarks/time_rows.py: a row's generator from its finished run as it is (nothing trained, a missing run
+    # refused); its timing.json gives the cost columns
+    hyper = rows[1]
+    assert P.generator(hyper, "toy-sd", pipe, P.Rewards(), P.row_config(hyper, "toy-sd", a, 0), reuse_only=True)[2] == 0
+    with pytest.raises(ValueError, match="no such run folder"):
+        P.generator(hyper, "toy-sd", pipe, P.Rewards(), P.row_config(hyper, "toy-sd", a, 7), reuse_only=True)
+    with open(os.path.join(a.results, "toy-sd", "timing.json"), "w") as f:
+        json.dump({"sec_per_image": {"base": 0.5, "HyperAlign-I": 0.55}}, f)
+    row = next(ln for ln in results.blocks(a.results)["toy-sd-unseen"].splitlines() if ln.startswith("| HyperAlign-I |"))
+    assert row.endswith("| 0.550 | 1.1 |")
 
 
 def test_learning_rate_search_on_another_toy_model(tmp_path, monkeypatch):
@@ -131,7 +141,6 @@ def test_paper_table_on_a_tiny_random_sd_checkpoint(tmp_path, monkeypatch, capsy
     from test_rewards import HEADS, write_files
     from tiny import run_cfg
 
-    import runs
     write_pipeline(str(tmp_path / "sd"))
     f = write_files(tmp_path / "rw")
     torch.save(checkpoint(), tmp_path / "ImageReward.pt")
@@ -144,7 +153,7 @@ def test_paper_table_on_a_tiny_random_sd_checkpoint(tmp_path, monkeypatch, capsy
     prompts.write_text("a cat\nthe dog\na cat and a dog\n")
     cfg = run_cfg(tmp_path / "run", tmp_path, model=str(tmp_path / "sd"), hyper="toy-sd", steps=1, no_eval=True,
                   prompts=str(prompts), lambda_reg=0.0, reward=f"clip:{f['root'] / 'clip'}", sample_steps=2)
-    runs.train("hyperalign", cfg)
+    train_run("hyperalign", cfg)
     score = (f"aesthetic:{f['root'] / 'clip'}+{f['root'] / 'mlp.pth'},pick:{f['root'] / 'clip'},"
              f"imagereward:{tmp_path / 'ImageReward.pt'},clip:{f['root'] / 'clip'},hps:{f['root'] / 'hps.pt'}")
     E.main(["--model", str(tmp_path / "sd"), "--score", score, "--reward-tokenizer", f["tok"], "--prompts",

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from tiny import pref_pairs, redness, run_cfg, tiny_pipe
+from tiny import pref_pairs, redness, run_cfg, tiny_pipe, train_run
 
 import analysis
 import baselines
@@ -19,7 +19,6 @@ import config
 import evaluate
 import files
 import rundir
-import runs
 import sample
 import train
 from toy import world
@@ -28,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_tiny(out, tmp_path, resume=False, **kw):
-    return runs.train("hyperalign", run_cfg(out, tmp_path, **{"no_eval": True, **kw}), resume,
+    return train_run("hyperalign", run_cfg(out, tmp_path, **{"no_eval": True, **kw}), resume,
                       pipe=tiny_pipe("vp"), reward=redness, prefs_reader=pref_pairs())
 
 
@@ -62,8 +61,8 @@ KILLER = f"""
 import os, signal, sys
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
 import pathlib
-import files, runs
-from tiny import pref_pairs, redness, run_cfg, tiny_pipe
+import files
+from tiny import pref_pairs, redness, run_cfg, tiny_pipe, train_run
 out, tmp = sys.argv[1], pathlib.Path(sys.argv[2])
 real = files.write_bytes
 def write_bytes(path, data):          # die like kill -9 in the middle of the step-4 checkpoint (weights written)
@@ -71,7 +70,7 @@ def write_bytes(path, data):          # die like kill -9 in the middle of the st
         os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)
 files.write_bytes = write_bytes
-runs.train("hyperalign", run_cfg(out, tmp, steps=4, variant="P", no_eval=True), True, pipe=tiny_pipe("vp"),
+train_run("hyperalign", run_cfg(out, tmp, steps=4, variant="P", no_eval=True), True, pipe=tiny_pipe("vp"),
            reward=redness, prefs_reader=pref_pairs())
 """
 

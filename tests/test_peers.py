@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from tiny import PROMPTS, pref_pairs, redness, tiny_pipe
+from tiny import PROMPTS, pref_pairs, redness, tiny_pipe, train_run
 
 import finetune
 import hyperalign as H
@@ -125,10 +125,9 @@ def test_freedom_guides_in_its_window_and_travels_back_in_time():
 def test_baselines_train_each_objective_as_a_run(objective, tmp_path):
     """baselines.py --objective X: a run folder, checkpoints and resume like the static LoRA's (tiny pipeline)."""
     import rundir
-    import runs
     from tiny import run_cfg
     cfg = run_cfg(tmp_path / objective, tmp_path, objective=objective, lambda_reg=0.0, steps=2, no_eval=True,
                   grpo_group=2, batch_size=2)
-    runs.train("static", cfg, pipe=tiny_pipe("vp", steps=2), reward=redness, prefs_reader=pref_pairs())
+    train_run("static", cfg, pipe=tiny_pipe("vp", steps=2), reward=redness, prefs_reader=pref_pairs())
     assert rundir.load(cfg.out)[2] == 2
     assert rundir.read_config(cfg.out)["run"]["objective"] == objective

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import rel_err
-from tiny import pref_pairs, redness, run_cfg, tiny_pipe
+from tiny import pref_pairs, redness, run_cfg, tiny_pipe, train_run
 
 import config
 import prefs
@@ -21,7 +21,7 @@ import train
 
 def run(out, tmp_path, kind="vp", reward=redness, resume=False, **kw):
     cfg = run_cfg(out, tmp_path, kind, **kw)
-    return runs.train("hyperalign", cfg, resume, pipe=tiny_pipe(kind), reward=reward, prefs_reader=pref_pairs())
+    return train_run("hyperalign", cfg, resume, pipe=tiny_pipe(kind), reward=reward, prefs_reader=pref_pairs())
 
 
 def weights(out):
@@ -118,7 +118,7 @@ def test_bf16_model_with_gradient_checkpointing_trains(tmp_path):
     text = pipe.text
     pipe.text = lambda p: text(p).to(torch.bfloat16)
     cfg = run_cfg(tmp_path / "r", tmp_path, steps=2, grad_ckpt=True, no_eval=True)
-    runs.train("hyperalign", cfg, pipe=pipe, reward=redness, prefs_reader=pref_pairs())
+    train_run("hyperalign", cfg, pipe=pipe, reward=redness, prefs_reader=pref_pairs())
     sd = weights(tmp_path / "r")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in sd.values())
     assert not torch.equal(sd["decoder.head.weight"], sd["decoder0.head.weight"])
@@ -137,7 +137,7 @@ def test_toy_default_trains_on_hyper_train_and_scores_unseen_then_heldout(tmp_pa
     monkeypatch.setattr(scoring, "evaluate", spy)
     cfg = replace(config.RunConfig(), out=str(tmp_path / "r"), steps=1, batch_size=1, sample_steps=2, n_eval=2,
                   eval_seeds=1, lambda_reg=0.0)
-    m = runs.train("hyperalign", cfg)
+    m = train_run("hyperalign", cfg)
     assert set(seen[10_000]) <= set(world.prompts("unseen")) and set(seen[20_000]) <= set(world.prompts("heldout"))
     assert len(seen[10_000]) == len(seen[20_000]) == 2 and list(m["eval"]) == ["unseen", "heldout"]
     judged = {f"judge/{k}" for k in ("count", "colour", "shape", "binding", "position", "overall")}

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load as load_st
 from safetensors.torch import save as save_st
 from test_faults import ROOT, digest, exit_2, train_tiny
-from tiny import pref_pairs, prompt_file, redness, run_cfg, tiny_pipe
+from tiny import pref_pairs, prompt_file, redness, run_cfg, tiny_pipe, train_run
 
 import analysis
 import config
@@ -86,7 +86,7 @@ def test_overwrite_with_a_bad_input_leaves_the_old_run_whole(old_run, tmp_path, 
 
 def test_overwrite_replaces_a_run_of_ours(old_run, tmp_path):
     run = copy_of(old_run, tmp_path)
-    runs.train("hyperalign", run_cfg(run, tmp_path, steps=1, no_eval=True), overwrite=True, pipe=tiny_pipe("vp"),
+    train_run("hyperalign", run_cfg(run, tmp_path, steps=1, no_eval=True), overwrite=True, pipe=tiny_pipe("vp"),
                reward=redness, prefs_reader=pref_pairs())
     assert rundir.load(str(run))[2] == 1 and not os.path.isdir(run / "ckpt-000002")
 
@@ -231,7 +231,7 @@ def test_ctrl_c_ends_in_one_line_and_leaves_whole_files(tmp_path, capsys, monkey
     monkeypatch.setattr(losses, "training_step", interrupted)
     out = tmp_path / "run"
     cfg = run_cfg(out, tmp_path, steps=4, no_eval=True)
-    code = config.cli(lambda: runs.train("hyperalign", cfg, pipe=tiny_pipe("vp"), reward=redness,
+    code = config.cli(lambda: train_run("hyperalign", cfg, pipe=tiny_pipe("vp"), reward=redness,
                                          prefs_reader=pref_pairs()))
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("HyperAlign-I:")]  # tqdm
     assert code == 130 and len(err) == 1 and "step 2" in err[0] and "--resume" in err[0], err

@@ -61,3 +61,10 @@ def run_cfg(out, tmp_path, kind: str = "vp", **kw):
                 prompts=prompt_file(tmp_path), eval_prompts=prompt_file(tmp_path, "eval.txt", PROMPTS[:2]),
                 batch_size=2, n_eval=2, eval_seeds=1, save_every=2, lr=1e-2, steps=4, out=str(out))
     return RunConfig(**{**base, **kw}).check()
+
+
+def train_run(kind: str, cfg, *args, **kw) -> dict:
+    """runs.train for a run of `kind` ("hyperalign" or "static") with the architecture of RunConfig `cfg`."""
+    import methods
+    import runs
+    return runs.train(methods.builder(kind, cfg), cfg, *args, **kw)
