@@ -227,6 +227,8 @@ def blocks(results: str) -> dict[str, str]:
             out["composition"] = composition_table(m)
     for name, path, render_table in (("batch-cost", os.path.join(ROOT, "benchmarks", "results", "sampling-batch.json"),
                                       batch_cost_table),
+                                     ("batch-cost-steady", os.path.join(ROOT, "benchmarks", "results",
+                                                                        "sampling-batch-steady.json"), batch_cost_table),
                                      ("user-files", os.path.join(ROOT, "benchmarks", "results", "user-files.json"),
                                       user_files_table),
                                      ("toy-world-v1", os.path.join(results, "toy-world-v1.json"),
@@ -305,7 +307,8 @@ def batch_cost_table(b: dict) -> str:
     for model in ("toy-sd", "toy-flux"):
         for n, r in b.get(model, {}).items():
             lines.append(f"| {model} | {n} | {r['base_s']:.3f} | {r['I_x']:.2f} | {r['P_x']:.2f} | {r['S_x']:.2f} |")
-    return f"*{b['device']}, {b['steps']} steps, median of {b['runs']} runs:*\n\n" + "\n".join(lines)
+    malloc = ", malloc keeping freed memory (--steady-malloc)" if b.get("malloc") == "steady" else ""
+    return f"*{b['device']}, {b['steps']} steps, median of {b['runs']} runs{malloc}:*\n\n" + "\n".join(lines)
 
 
 def search_table(s: dict) -> str:

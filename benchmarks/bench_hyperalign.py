@@ -12,10 +12,13 @@ CFG, backward into the hypernetwork; a squared-x0_hat stand-in replaces VAE + re
     python benchmarks/bench_hyperalign.py --device cuda --dtype bfloat16 --latent 64 --steps 50
     python benchmarks/bench_hyperalign.py --batches 1,4,16 --json benchmarks/results/sampling-batch.json
                                             # the shipped toy SD / FLUX, batch 1 / 4 / 16, I / P / S vs base
+    python benchmarks/bench_hyperalign.py --batches 1,4,16 --steady-malloc \
+        --json benchmarks/results/sampling-batch-steady.json      # the same, freed memory kept (no page faults)
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -125,6 +128,19 @@ def bench_batches(model: str, batches: list[int], steps: int, runs: int) -> dict
     return out
 
 
+def steady_malloc() -> None:
+    """glibc's malloc told to keep what is freed: no heap trimming and no mmap for blocks under 32 MiB.
+    NOTE: at batch 16 on toy SD a 20-step rollout made 36-68 k minor page faults (the U-Net's activations are
+    megabytes: glibc returns them to the system and faults them back in), and how many depended on what ran before in
+    the process, so ratios to the base model moved by up to ~0.15 between runs (HyperAlign-I at batch 16: 1.16 and
+    1.26 in two runs; 1.11 with this). With this, what is timed is the computation."""
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    for param, value in ((M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 256 * 2**20)):
+        if libc.mallopt(param, value) != 1:
+            raise SystemExit(f"error: --steady-malloc: mallopt({param}, {value}) failed (not glibc?)")
+
+
 def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtype, steps: int = 50, k: int = 3,
                      n: int = 1) -> dict:
     """Per-call costs, interleaved and repeated (robust on a busy machine), and the sampling-time ratios they imply
@@ -203,11 +219,16 @@ def main() -> None:
     p.add_argument("--batches", default="", help="only the toy models' sampling cost at these batch sizes, e.g. "
                    "1,4,16 (CPU, 1 thread, --steps 20), written to --json")
     p.add_argument("--json", default=None, help="with --batches: the JSON file to write")
+    p.add_argument("--steady-malloc", action="store_true", help="with --batches: glibc keeps freed memory (no page "
+                   "faults from returning it and taking it back; see steady_malloc)")
     a = p.parse_args()
     if a.batches:
         torch.set_num_threads(a.threads or 1)
+        if a.steady_malloc:
+            steady_malloc()
         batches = [int(b) for b in a.batches.split(",")]
         res = {"device": f"cpu ({torch.get_num_threads()} thread)", "steps": a.steps or 20, "runs": a.runs,
+               "malloc": "steady" if a.steady_malloc else "glibc default",
                "note": "median of --runs timed runs after a warm-up; ratios are HyperAlign's time over the base "
                        "model's at the same batch", **{m: bench_batches(m, batches, a.steps or 20, a.runs)
                                                        for m in ("toy-sd", "toy-flux")}}
