@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+import config
 import lora
 from backbone import Backbone
 from hyperalign import HyperAlign, HyperConfig, frozen_targets
@@ -89,7 +90,6 @@ METHODS = {"hyperalign": HyperAlign, "static": StaticLoRA}   # the trained metho
 def builder(kind: str, cfg) -> Callable[[Backbone], nn.Module]:
     """runs.train's `build` for a run of `kind` with the architecture of RunConfig `cfg` (config.hyper_config):
     built on the backbone once the run has loaded it. train.py and baselines.py spell theirs out."""
-    import config
     return lambda backbone: METHODS[kind](config.hyper_config(cfg), backbone)
 
 

@@ -216,7 +216,7 @@ def generator(row: Row, model: str, pipe, rewards: Rewards, cfg: RunConfig | Non
               reuse_only: bool = False) -> tuple[Callable, object, float]:
     """A row's `generate(prompts, x_T, seed) -> images` (scoring.measure), the method behind it and its training
     seconds: a test-time row from the training reward; a trained row from its run folder cfg.out, trained there
-    first unless it holds the finished run (`reuse_only`: refused instead)."""
+    first unless it holds the finished run (`reuse_only`: the finished run as it is, nothing trained)."""
     if row.kind in UNTRAINED:
         reward = rewards(RunConfig.from_preset(model).reward)
         return {"base": lambda: scoring.sampler(pipe, lambda c: pipe.backbone),

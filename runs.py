@@ -22,6 +22,7 @@ import files
 import finetune
 import hyperalign
 import losses
+import methods
 import prefs
 import rundir
 import scoring
@@ -29,13 +30,12 @@ from backbone import Backbone
 from config import RunConfig
 from rundir import RunError
 from toy import judge as toy_judge
+from weights import check_state_dict
 
 
 def load_trained(out: str, backbone, device=None):
     """Rebuild a trained method from its run folder on a frozen backbone: (HyperAlign or methods.StaticLoRA, the
     saved config). The architecture, variant and P's key steps come from config.json; weights are loaded strictly."""
-    import methods
-    from weights import check_state_dict
     if not os.path.isdir(out):
         raise RunError(f"no such run folder: {out}")
     saved = rundir.read_config(out)
