@@ -130,21 +130,23 @@ class PerSample:
 
     def operands(self, name: str, k: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Target `name`'s per-sample operands as a batch of matrices: the merged (B, I, O), or Aᵀ (B, I, R) and
-        Bᵀ (B, R, O); tiled to the K copies of the model batch, (K B, ...) (row block r is sample r mod B), from the
-        second call with K copies on.
+        Bᵀ (B, R, O); tiled to the K copies of the model batch, (K B, ...) (row block r is sample r mod B): the thin
+        factors at once, the merged weights from their second call with K copies on.
         NOTE: one product over the K B rows runs faster than K products over B rows (toy SD, K = 2, batch 4: the
-        LoRA model call at 1.04x the base model's against 1.11x), but the tiled copy is made per LoRA, and for S,
-        which makes a new LoRA every step, making it cost more than it saved (prepare and one call: 23 ms against
-        18 ms; one interleaved micro-benchmark, 40 repeats). So a LoRA called once (S) runs one product per copy,
-        and a reused one (I, P) is tiled at its second call. Never under autograd: gradient checkpointing's
-        recomputation must save the same tensors as the forward did (and training calls each LoRA once).
+        LoRA model call at 1.04x the base model's against 1.11x), but a tiled copy of merged weights is made per
+        LoRA, and for S, which makes a new LoRA every step, making it cost more than it saved (prepare and one call:
+        23 ms against 18 ms; one interleaved micro-benchmark, 40 repeats). So merged weights called once (S) run one
+        product per copy, and reused ones (I, P) are tiled at their second call; never under autograd, where
+        gradient checkpointing's recomputation must save the same tensors as the forward did (and training calls
+        each LoRA once). The thin factors of the unmerged form cost little to copy and keep the base product one
+        matmul over all rows.
         """
         key = (name, k, dtype)
         if self.tiles.get(key) is not None:
             return self.tiles[key]
         ops = (self.merged[name],) if name in self.merged else tuple(m.transpose(1, 2) for m in self.factors[name])
         ops = tuple(m.to(dtype) for m in ops)
-        if k > 1 and (key not in self.tiles or torch.is_grad_enabled()):
+        if k > 1 and name in self.merged and (key not in self.tiles or torch.is_grad_enabled()):
             self.tiles[key] = None                   # first call with K copies, or training: one product per copy
             return ops
         self.tiles[key] = tuple(m.repeat(k, 1, 1) for m in ops) if k > 1 else ops

@@ -207,9 +207,9 @@ def test_per_sample_equals_a_loop_in_float32(budget, monkeypatch):
 
 
 def twice(model, weights, *args):
-    """Run prepared per-sample weights twice: the first call runs one product per copy of the batch, the second
-    (without autograd) tiles the weights to all copies (lora.PerSample.operands); both must agree. Returns the second
-    output."""
+    """Run prepared per-sample weights twice: merged ones run one product per copy of the batch at the first call and
+    (without autograd) are tiled to all copies at the second (lora.PerSample.operands; thin factors are tiled at
+    once); both calls must agree. Returns the second output."""
     first, second = lora.run(model, weights, *args), lora.run(model, weights, *args)
     assert rel_err(first, second) < 1e-6
     return second
