@@ -227,8 +227,9 @@ def blocks(results: str) -> dict[str, str]:
             out["composition"] = composition_table(m)
     for name, path, render_table in (("batch-cost", os.path.join(ROOT, "benchmarks", "results", "sampling-batch.json"),
                                       batch_cost_table),
-                                     ("batch-cost-steady", os.path.join(ROOT, "benchmarks", "results",
-                                                                        "sampling-batch-steady.json"), batch_cost_table),
+                                     ("batch-cost-steady",
+                                      os.path.join(ROOT, "benchmarks", "results", "sampling-batch-steady.json"),
+                                      batch_cost_table),
                                      ("user-files", os.path.join(ROOT, "benchmarks", "results", "user-files.json"),
                                       user_files_table),
                                      ("toy-world-v1", os.path.join(results, "toy-world-v1.json"),

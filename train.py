@@ -31,7 +31,7 @@ import runs
 def main(argv=None) -> None:
     cfg, resume, overwrite = config.parse(argv, __doc__.split("\n")[0], exclude=config.BASELINE_FLAGS)
 
-    def build(backbone) -> hyperalign.HyperAlign:     # the hypernetwork of --hyper, --variant, --rank on the frozen model
+    def build(backbone) -> hyperalign.HyperAlign:    # the hypernetwork of --hyper, --variant, --rank
         return hyperalign.HyperAlign(config.hyper_config(cfg), backbone)
 
     code = config.cli(lambda: runs.train(build, cfg, resume, overwrite))

@@ -96,7 +96,8 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
         P.generator(hyper, "toy-sd", pipe, P.Rewards(), P.row_config(hyper, "toy-sd", a, 7), reuse_only=True)
     with open(os.path.join(a.results, "toy-sd", "timing.json"), "w") as f:
         json.dump({"sec_per_image": {"base": 0.5, "HyperAlign-I": 0.55}}, f)
-    row = next(ln for ln in results.blocks(a.results)["toy-sd-unseen"].splitlines() if ln.startswith("| HyperAlign-I |"))
+    lines = results.blocks(a.results)["toy-sd-unseen"].splitlines()
+    row = next(ln for ln in lines if ln.startswith("| HyperAlign-I |"))
     assert row.endswith("| 0.550 | 1.1 |")
 
 

@@ -161,8 +161,8 @@ def flux_case(batch: int):
 @pytest.mark.parametrize("budget", [0, 2 ** 23])                   # 0: unmerged; else merged per sample
 def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, monkeypatch):
     """Both per-sample paths (unmerged, and merged per sample), at their first and second call, = each sample with its
-    own merged weights (a loop), outputs and the gradients of every factor, on the inline U-Net-like model (SD targets) and the tiny FLUX (its
-    double-block targets).
+    own merged weights (a loop), outputs and the gradients of every factor, on the inline U-Net-like model (SD
+    targets) and the tiny FLUX (its double-block targets).
     NOTE: in float64: with random factors the attention is nearly saturated, and the gradients of q / k through a
     saturated softmax are dominated by float32 rounding (measured 6e-3 apart in fp32, both paths; outputs 1e-7)."""
     monkeypatch.setattr(lora, "PER_SAMPLE_MERGE", budget)
