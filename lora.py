@@ -142,8 +142,9 @@ class PerSample:
         matmul over all rows.
         """
         key = (name, k, dtype)
-        if self.tiles.get(key) is not None:
-            return self.tiles[key]
+        ops = self.tiles.get(key)
+        if ops is not None:
+            return ops
         ops = (self.merged[name],) if name in self.merged else tuple(m.transpose(1, 2) for m in self.factors[name])
         ops = tuple(m.to(dtype) for m in ops)
         if k > 1 and name in self.merged and (key not in self.tiles or torch.is_grad_enabled()):
@@ -188,23 +189,28 @@ def _per_sample_linear(module: nn.Linear, name: str, weights: PerSample):
     batch of matrix products on views of x (no activation is copied), over all K B rows at once or one copy of the
     B samples at a time (PerSample.operands): merged, x·(W + s·B_b·A_b)ᵀ + bias; unmerged, x·Wᵀ + bias +
     s·(x·A_bᵀ)·B_bᵀ."""
+    b = weights.samples
+    # NOTE: this runs for every target at every model call; each tensor op saved here (the 3-d inputs of the U-Net's
+    # and FLUX's projections need no reshape, the bias broadcasts without an expand) and setting the forward straight
+    # into the module's __dict__ took the LoRA model call from 1.08-1.09x to 1.05x the base model's (toy SD, batch 4,
+    # 60 interleaved calls, twice).
     def forward(x: Tensor) -> Tensor:
-        n, b = x.shape[0], weights.samples
+        n = x.shape[0]
         if n % b:
             raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
         ops = weights.operands(name, n // b, x.dtype)
-        x3 = x.reshape(n, -1, x.shape[-1])                                               # (K B, L, I)
+        x3 = x if x.dim() == 3 else x.reshape(n, -1, x.shape[-1])                      # (K B, L, I)
         if ops[0].shape[0] == n:
             y = product(x3, ops)                                                         # (K B, L, O)
         else:                                                                            # a copy of the B at a time
             y = torch.cat([product(xs, ops) for xs in x3.split(b)])
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 3 else y.view(*x.shape[:-1], y.shape[-1])
 
     def product(x3: Tensor, ops: tuple[Tensor, ...]) -> Tensor:
         if len(ops) == 1 and module.bias is None:
             return torch.bmm(x3, ops[0])
         if len(ops) == 1:
-            return torch.baddbmm(module.bias.to(x3.dtype).expand(*x3.shape[:2], -1), x3, ops[0])
+            return torch.baddbmm(module.bias.to(x3.dtype), x3, ops[0])                  # the bias broadcast
         return torch.baddbmm(F.linear(x3, module.weight, module.bias), torch.bmm(x3, ops[0]), ops[1],
                              alpha=weights.scale)
     return forward
@@ -221,12 +227,12 @@ def applied(model: nn.Module, weights: Weights) -> Iterator[nn.Module]:
     elif isinstance(weights, PerSample):
         mods = [(submodule(model, name), name) for name in weights.factors]
         for m, name in mods:
-            m.forward = _per_sample_linear(m, name, weights)
+            m.__dict__["forward"] = _per_sample_linear(m, name, weights)    # NOTE: not through nn.Module.__setattr__
         try:
             yield model
         finally:
             for m, _ in mods:
-                del m.forward
+                del m.__dict__["forward"]
     else:
         with substituted(model, weights):
             yield model
