@@ -129,18 +129,21 @@ def decoder_report(ha, pipe, prompts: list[str], flipped: list[str], seed: int =
     names = [f"level {i}" for i in range(len(feats[""][0]))] + ["text", "time"]
 
     def run(decoder):
-        seen, hooks = [], [layer.cross_attn.register_forward_hook(lambda m, a, o: seen.append(m.weights(*a)))
-                           for layer in decoder.layers]
-        heads = []
-        hooks.append(decoder.head.register_forward_hook(lambda m, a, o: heads.append(a[0])))
+        seen, heads, M = [], [], {}
+        looks = [layer.cross_attn.register_forward_hook(lambda m, a, o: seen.append(m.weights(*a)))
+                 for layer in decoder.layers]
+        head = decoder.head.register_forward_hook(lambda m, a, o: heads.append(a[0]))
         try:
-            M = {k: decoder(*f).flatten(1).double() for k, f in feats.items()}
+            for k, f in feats.items():
+                M[k] = decoder(*f).flatten(1).double()
+                for look in looks:                            # attention weights of the unedited input only
+                    look.remove()
         finally:
-            for h in hooks:
-                h.remove()
+            for hook in (*looks, head):
+                hook.remove()
         h = {k: v.flatten(1).double() for k, v in zip(feats, heads)}
         attention = []
-        for w in seen[:len(decoder.layers)]:                                    # the unedited input's layers
+        for w in seen:
             entropy = -(w * w.clamp_min(1e-30).log()).sum(-1) / torch.log(torch.tensor(float(w.shape[-1])))
             mass = [c.sum(-1).mean().item() for c in w.split(sizes, dim=-1)]
             attention.append({"entropy": entropy.mean().item(),

@@ -59,8 +59,12 @@ def table(rows: dict[str, dict], split: str, times: dict[str, float] | None = No
     cols = [c for c in columns if any(values(r, split, c[0]) for r in rows.values())]
     head = ["row", "seeds", *[c[1] for c in cols], "adaptivity", "s / image", "× base"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    seconds = (lambda name, r: [times[name]] if name in times else []) if times is not None else \
-        (lambda name, r: values(r, split, "sec_per_image"))
+
+    def seconds(name: str, r: dict) -> list[float]:
+        if times is None:
+            return values(r, split, "sec_per_image")
+        return [times[name]] if name in times else []
+
     base_time = seconds("base", rows["base"]) if "base" in rows else []
     for name, r in rows.items():
         if not any(split in s for s in r["seeds"].values()):              # not scored on this split (ε-greedy)

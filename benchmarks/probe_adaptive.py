@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+import files  # noqa: E402
 import hyperalign  # noqa: E402
 import losses  # noqa: E402
 import methods  # noqa: E402
@@ -143,9 +144,8 @@ def main(argv=None) -> None:
                 for seed in [int(s) for s in a.seeds.split(",")] for task in a.tasks.split(",")]
         for row in rows:
             print(json.dumps(row))
-        with open(a.json, "w") as f:
-            json.dump({"what": "the L_R gradient with respect to each sample's core M at initialisation (64 "
-                               "training prompts, 32 per relation)", "rows": rows}, f, indent=1)
+        files.write_json(a.json, {"what": "the L_R gradient with respect to each sample's core M at initialisation "
+                                          "(64 training prompts, 32 per relation)", "rows": rows})
         print(f"wrote {a.json}")
         return
     rows = []
@@ -186,8 +186,7 @@ def main(argv=None) -> None:
                     rows.append(row)
     out = {"what": __doc__.split("\n")[0], "train_prompts": len(train_prompts), "val_prompts": len(val),
            "rows": rows}
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=1)
+    files.write_json(a.json, out)
     print(f"wrote {a.json}")
 
 
