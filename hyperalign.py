@@ -246,7 +246,7 @@ class HyperAlign(nn.Module):
         return (net or self.hypernet)(*self.backbone.features(x_t, t, cond))
 
     def prepared(self, factors: lora.Factors) -> lora.Weights:
-        """θ + Δθ ready to run (lora.prepare): merged weights for one sample, the unmerged LoRAs for several."""
+        """θ + Δθ ready to run (lora.prepare): merged weights for one sample, per-sample LoRAs for several."""
         return lora.prepare(self.backbone.model, factors, self.cfg.scale)
 
     @contextmanager
@@ -293,14 +293,14 @@ class Modulated:
     """The sampler-facing model `model(x_t, t, cond) -> prediction` with HyperAlign's LoRA, for one trajectory.
 
     The samplers call it once per step, so the call count is the step index k; a new LoRA is made when
-    lora_step(k) == k (every step for S, the first for I, P's key steps), from the first copy's x_t and the prompt
+    lora_step(k) == k (every step for S, the first for I, P's key steps), from each sample's x_t and the prompt
     conditioning given here, and kept for the segment, prepared to run (lora.prepare: merged weights for one sample,
-    unmerged per-sample LoRAs for several), so that a reused LoRA costs nothing per step.
+    per-sample LoRAs for several), so that a reused LoRA costs nothing per step.
     NOTE: the step comes from counting, never from reading t: reading a GPU tensor on the host waits for the queued
     work and leaves the GPU idle while the next step is launched.
 
-    The model batch may hold K copies of the B samples stacked as (K B) (classifier-free guidance): every copy uses
-    its sample's LoRA.
+    The model batch may hold K copies of each of the B samples, a sample's copies adjacent, (B K) (classifier-free
+    guidance, sampler.guided): every copy uses its sample's LoRA, made from the sample's state.
     """
     def __init__(self, ha: HyperAlign, cond, steps: int, variant: str, fast=None):
         if variant not in VARIANTS:
@@ -318,7 +318,8 @@ class Modulated:
         if lora_step(self.variant, self.step, self.key_steps) == self.step:
             if self.fast is not None:                     # the perception encoder is the frozen model: base weights
                 self.fast.weights.reset()
-            factors = self.ha.factors(x_t[:self.n], t[:self.n], self.cond)
+            k = x_t.shape[0] // self.n                   # copies of each sample, adjacent (sampler.guided)
+            factors = self.ha.factors(x_t[::k], t[::k], self.cond)
             if self.keep:
                 self.made.append((self.step, factors))
             self._weights = self.ha.prepared(factors)

@@ -11,8 +11,9 @@ names, `torch.func.functional_call` and nn.Linear. Δθ = s·B·A with the usual
   one LoRA  (unbatched factors, or a batch of one): the target weights are merged once, W' = W + s·B·A, and the
             model runs through `functional_call` with them; every row of the model batch (e.g. the two CFG copies)
             shares them. The fast path at batch 1, and the one the CUDA-graph path (accel.py) captures.
-  PerSample B samples, each its own LoRA. Each target's forward runs the model batch (N = K·B rows, K copies of the B
-            samples stacked (K B): row r is sample r mod B) as a batch of matrix products on views of x:
+  PerSample B samples, each its own LoRA. The model batch holds K copies of each sample, a sample's copies adjacent
+            (N = B·K rows, (B K): row r is sample r // K; sampler.guided batches classifier-free guidance so), and
+            each target's forward runs it as B matrix products, sample b's K·L rows times its own weights:
             unmerged, y = x·Wᵀ + s·(x·A_bᵀ)·B_bᵀ: the base matmul shared, two thin products (R ≪ I, O), no
             per-sample copy of W, as multi-LoRA serving does it; or, when B copies of the target weights are small
             (PER_SAMPLE_MERGE: the toy models), merged per sample, y = x·(W + s·B_b·A_b)ᵀ.
@@ -27,7 +28,7 @@ from __future__ import annotations
 import re
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -116,42 +117,16 @@ def merged_params(model: nn.Module, factors: Factors, scale: float) -> dict[str,
 
 @dataclass(frozen=True)
 class PerSample:
-    """B samples' LoRAs for the rows of a model batch (see the module docstring): the batched factors, the scale, and
-    per target either the per-sample weights transposed, (W + s·B_b·A_b)ᵀ (B, I, O), when they are small (`merged`),
-    or nothing (the LoRA runs unmerged)."""
-    factors: Factors
+    """B samples' LoRAs, ready to run: per target the operands of its batched products, in the weight's dtype:
+    the merged weights transposed, (W + s·B_b·A_b)ᵀ (B, I, O), or, unmerged, the thin factors transposed, A_bᵀ
+    (B, I, R) and B_bᵀ (B, R, O) (prepare chooses)."""
+    samples: int
     scale: float
-    merged: dict[str, Tensor] = field(default_factory=dict)
-    tiles: dict = field(default_factory=dict, repr=False)    # (target, K, dtype) -> operands tiled K times, or None
+    operands: dict[str, tuple[Tensor, ...]]
 
     @property
-    def samples(self) -> int:
-        return next(iter(self.factors.values()))[0].shape[0]
-
-    def operands(self, name: str, k: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """Target `name`'s per-sample operands as a batch of matrices: the merged (B, I, O), or Aᵀ (B, I, R) and
-        Bᵀ (B, R, O); tiled to the K copies of the model batch, (K B, ...) (row block r is sample r mod B): the thin
-        factors at once, the merged weights from their second call with K copies on.
-        NOTE: one product over the K B rows runs faster than K products over B rows (toy SD, K = 2, batch 4: the
-        LoRA model call at 1.04x the base model's against 1.11x), but a tiled copy of merged weights is made per
-        LoRA, and for S, which makes a new LoRA every step, making it cost more than it saved (prepare and one call:
-        23 ms against 18 ms; one interleaved micro-benchmark, 40 repeats). So merged weights called once (S) run one
-        product per copy, and reused ones (I, P) are tiled at their second call; never under autograd, where
-        gradient checkpointing's recomputation must save the same tensors as the forward did (and training calls
-        each LoRA once). The thin factors of the unmerged form cost little to copy and keep the base product one
-        matmul over all rows.
-        """
-        key = (name, k, dtype)
-        ops = self.tiles.get(key)
-        if ops is not None:
-            return ops
-        ops = (self.merged[name],) if name in self.merged else tuple(m.transpose(1, 2) for m in self.factors[name])
-        ops = tuple(m.to(dtype) for m in ops)
-        if k > 1 and name in self.merged and (key not in self.tiles or torch.is_grad_enabled()):
-            self.tiles[key] = None                   # first call with K copies, or training: one product per copy
-            return ops
-        self.tiles[key] = tuple(m.repeat(k, 1, 1) for m in ops) if k > 1 else ops
-        return self.tiles[key]
+    def merged(self) -> bool:
+        return len(next(iter(self.operands.values()))) == 1
 
 
 Weights = dict[str, Tensor] | PerSample | None      # what prepare returns and run takes (None: the base model)
@@ -161,58 +136,72 @@ Weights = dict[str, Tensor] | PerSample | None      # what prepare returns and r
 # target: measured 1.36-1.56x the base model at batch 4-16 against ~1.1x merged). Real models (SD1.5 at batch 4:
 # ~10^9 numbers) run unmerged: no per-sample copy of any weight.
 PER_SAMPLE_MERGE = 2 ** 23
+_TRANSPOSED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def transposed(model: nn.Module, weights: dict[str, Tensor]) -> Tensor:
+    """`weights` (the model's, by target name; one shape) as contiguous Wᵀ, stacked: (G, I, O); kept per model until
+    one of them is changed or replaced."""
+    table, names = _TRANSPOSED.setdefault(model, {}), tuple(weights)
+    kept = table.get(names)
+    if kept is None or any(W is not w or W._version != v for W, (w, v) in zip(weights.values(), kept[0])):
+        kept = table[names] = ([(W, W._version) for W in weights.values()],
+                               torch.stack([W.detach().t() for W in weights.values()]))
+    return kept[1]
 
 
 def prepare(model: nn.Module, factors: Factors, scale: float) -> dict[str, Tensor] | PerSample:
     """The cheapest way to run `factors`: merged weights for one LoRA (unbatched, or a batch of one); for B samples a
-    PerSample, with merged per-sample weights when they are small (PER_SAMPLE_MERGE), else unmerged."""
+    PerSample, merged per sample when the B copies of the target weights are small (PER_SAMPLE_MERGE), else
+    unmerged.
+    NOTE: merged per-sample weights are formed in the layout the products read, (B, I, O), from a contiguous Wᵀ (from
+    the view W.t(), baddbmm took 2.3-2.8x as long), kept between LoRAs (`transposed`), for all targets of one shape
+    at once, as merged_params does for one LoRA. HyperAlign-S prepares a LoRA every step: copying Wᵀ and one product
+    per target made prepare cost 1.02 ms, the kept Wᵀ 0.85 ms, and one product per shape 0.51 ms (toy SD, batch 4).
+    """
     A, _ = next(iter(factors.values()))
     if A.dim() == 2:
         return merged_params(model, factors, scale)
     if A.shape[0] == 1:
         return merged_params(model, {k: (a[0], b[0]) for k, (a, b) in factors.items()}, scale)
     b, Ws = A.shape[0], {n: submodule(model, n).weight for n in factors}
-    if b * sum(W.numel() for W in Ws.values()) > PER_SAMPLE_MERGE:
-        return PerSample(factors, scale)
-    # NOTE: formed as (B, I, O), the layout the products read (no transposed copy per LoRA), from a contiguous Wᵀ:
-    # from the view W.t() baddbmm took 2.3-2.8x as long (toy SD's shapes, batch 4 and 16).
+    if b * sum(W.numel() for W in Ws.values()) > PER_SAMPLE_MERGE:                    # (B, I, R), (B, R, O)
+        return PerSample(b, scale, {n: (A.transpose(1, 2).to(Ws[n].dtype), B.transpose(1, 2).to(Ws[n].dtype))
+                                    for n, (A, B) in factors.items()})
+    groups: dict[tuple, list[str]] = {}
+    for n, W in Ws.items():
+        groups.setdefault((W.shape, W.dtype, W.device, factors[n][0].shape), []).append(n)
     merged = {}
-    for n, (A, B) in factors.items():
-        dtype = Ws[n].dtype
-        merged[n] = torch.baddbmm(Ws[n].t().contiguous().expand(b, -1, -1), A.transpose(1, 2).to(dtype),
-                                  B.transpose(1, 2).to(dtype), alpha=scale)              # (B, I, O)
-    return PerSample(factors, scale, merged)
+    for names in map(tuple, groups.values()):
+        Wt = transposed(model, {n: Ws[n] for n in names})                               # (G, I, O)
+        W = Wt[:, None].expand(-1, b, -1, -1).reshape(-1, *Wt.shape[1:])                # (G B, I, O), a copy
+        At, Bt = (torch.stack([factors[n][i] for n in names]).to(Wt.dtype).transpose(2, 3).flatten(0, 1)
+                  for i in (0, 1))                                                       # (G B, I, R), (G B, R, O)
+        merged.update(zip(names, W.baddbmm_(At, Bt, alpha=scale).unflatten(0, (len(names), b)).unbind(0)))
+    return PerSample(b, scale, {n: (merged[n],) for n in factors})                      # each (B, I, O)
 
 
-def _per_sample_linear(module: nn.Linear, name: str, weights: PerSample):
-    """The forward of target `name` with each sample's LoRA on its rows: x (N = K·B, ..., I) -> (N, ..., O), as a
-    batch of matrix products on views of x (no activation is copied), over all K B rows at once or one copy of the
-    B samples at a time (PerSample.operands): merged, x·(W + s·B_b·A_b)ᵀ + bias; unmerged, x·Wᵀ + bias +
-    s·(x·A_bᵀ)·B_bᵀ."""
-    b = weights.samples
-    # NOTE: this runs for every target at every model call; each tensor op saved here (the 3-d inputs of the U-Net's
-    # and FLUX's projections need no reshape, the bias broadcasts without an expand) and setting the forward straight
-    # into the module's __dict__ took the LoRA model call from 1.08-1.09x to 1.05x the base model's (toy SD, batch 4,
-    # 60 interleaved calls, twice).
+def _per_sample_linear(module: nn.Linear, weights: tuple[Tensor, ...], b: int, scale: float):
+    """The forward of a target with each sample's LoRA on its rows: x (N = B·K, ..., I) -> (N, ..., O), as B matrix
+    products over a view of x, (B, K·L, I), sample b's K copies together (no activation or weight is copied per copy):
+    merged, x·(W + s·B_b·A_b)ᵀ + bias; unmerged, x·Wᵀ + bias + s·(x·A_bᵀ)·B_bᵀ."""
+    # NOTE: this runs for every target at every model call; each tensor op saved here counts (setting it straight into
+    # the module's __dict__ and broadcasting the bias took the LoRA model call from 1.08-1.09x to 1.05x the base
+    # model's: toy SD, batch 4). With a sample's copies adjacent, one product covers all its rows: with the copies
+    # stacked (K B), as diffusers batches CFG, the weights had to be copied K times, or run as K products: HyperAlign
+    # at batch 4 took 1.10 / 1.22 / 1.75x the base model (I / P / S) against 1.06 / 1.17 / 1.67x now (toy SD).
     def forward(x: Tensor) -> Tensor:
-        n = x.shape[0]
-        if n % b:
-            raise ValueError(f"model batch {n} is not a multiple of the {b} LoRA samples")
-        ops = weights.operands(name, n // b, x.dtype)
-        x3 = x if x.dim() == 3 else x.reshape(n, -1, x.shape[-1])                      # (K B, L, I)
-        if ops[0].shape[0] == n:
-            y = product(x3, ops)                                                         # (K B, L, O)
-        else:                                                                            # a copy of the B at a time
-            y = torch.cat([product(xs, ops) for xs in x3.split(b)])
-        return y if x.dim() == 3 else y.view(*x.shape[:-1], y.shape[-1])
-
-    def product(x3: Tensor, ops: tuple[Tensor, ...]) -> Tensor:
-        if len(ops) == 1 and module.bias is None:
-            return torch.bmm(x3, ops[0])
-        if len(ops) == 1:
-            return torch.baddbmm(module.bias.to(x3.dtype), x3, ops[0])                  # the bias broadcast
-        return torch.baddbmm(F.linear(x3, module.weight, module.bias), torch.bmm(x3, ops[0]), ops[1],
-                             alpha=weights.scale)
+        if x.shape[0] % b:
+            raise ValueError(f"model batch {x.shape[0]} is not a multiple of the {b} LoRA samples")
+        ops = weights if weights[0].dtype == x.dtype else tuple(m.to(x.dtype) for m in weights)
+        x3 = x.reshape(b, -1, x.shape[-1])                                              # (B, K L, I)
+        if len(ops) == 2:
+            y = torch.baddbmm(F.linear(x3, module.weight, module.bias), torch.bmm(x3, ops[0]), ops[1], alpha=scale)
+        elif module.bias is None:
+            y = torch.bmm(x3, ops[0])
+        else:
+            y = torch.baddbmm(module.bias.to(x.dtype), x3, ops[0])                      # the bias broadcast
+        return y.view(*x.shape[:-1], y.shape[-1])
     return forward
 
 
@@ -225,9 +214,9 @@ def applied(model: nn.Module, weights: Weights) -> Iterator[nn.Module]:
     if weights is None:
         yield model
     elif isinstance(weights, PerSample):
-        mods = [(submodule(model, name), name) for name in weights.factors]
-        for m, name in mods:
-            m.__dict__["forward"] = _per_sample_linear(m, name, weights)    # NOTE: not through nn.Module.__setattr__
+        mods = [(submodule(model, name), ops) for name, ops in weights.operands.items()]
+        for m, ops in mods:                                             # NOTE: not through nn.Module.__setattr__
+            m.__dict__["forward"] = _per_sample_linear(m, ops, weights.samples, weights.scale)
         try:
             yield model
         finally:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import distributed
+import sampler
 from backbone import Backbone
 
 if TYPE_CHECKING:
@@ -27,14 +28,10 @@ def reward_loss(model: Callable, x0_hat: Callable, x_t: Tensor, t: Tensor, cond,
     """L_R = -r(D(x0_hat(x_t)), c) for the modulated model's one-step prediction (paper Eq. 8).
 
     x_t comes from a rollout without gradient; the gradient flows through this one model step (and the decoder)
-    into Δθ. With `uncond` the prediction is classifier-free guided (as in sampling), the two copies sharing the
-    sample's LoRA. Returns (loss, reward per sample).
+    into Δθ. With `uncond` the prediction is classifier-free guided as in sampling (sampler.guided), the two copies
+    sharing the sample's LoRA. Returns (loss, reward per sample).
     """
-    if uncond is not None:
-        u, c = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
-        pred = u + guidance * (c - u)
-    else:
-        pred = model(x_t, t, cond)
+    pred = sampler.guided(model, x_t, t, cond, uncond, guidance)
     r = reward(decode(x0_hat(x_t, t, pred)), prompts)                # (B,)
     return -r.mean(), r.detach()
 

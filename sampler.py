@@ -128,15 +128,20 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tens
 
 
 def guided(model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond, uncond=None, guidance: float = 1.0):
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): uncond + g (cond - uncond).
-
-    One model call per step: with guidance > 1 the model sees the batch [x_t; x_t] with t (2B,) and context
-    [uncond; cond] (unconditional first, as diffusers batches it); otherwise x_t, t (B,), cond.
-    """
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): uncond + g (cond - uncond), in one model call per step
+    (the batch: guidance_rows); without guidance (g <= 1 or no uncond) the model on x_t, t (B,), cond."""
     if guidance > 1.0 and uncond is not None:
-        pred_uncond, pred_cond = model(torch.cat([x_t, x_t]), t.repeat(2), torch.cat([uncond, cond])).chunk(2)
+        pred_uncond, pred_cond = model(*guidance_rows(x_t, t, cond, uncond)).unflatten(0, (-1, 2)).unbind(1)
         return pred_uncond + guidance * (pred_cond - pred_uncond)
     return model(x_t, t, cond)
+
+
+def guidance_rows(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> tuple:
+    """The model batch under classifier-free guidance: each sample twice, its two copies adjacent and the
+    unconditional one first, rows (B 2): x_t (2B, ...), t (2B,), context [uncond_0, cond_0, uncond_1, cond_1, ...].
+    NOTE: diffusers stacks the copies as [uncond; cond] (2 B). With each sample's copies adjacent, a per-sample LoRA
+    (HyperAlign at batch > 1) runs a sample's rows as one matrix, with no copy of its weights per copy (lora.py)."""
+    return x_t.repeat_interleave(2, 0), t.repeat_interleave(2, 0), torch.stack([uncond, cond], 1).flatten(0, 1)
 
 
 def ddim_step(x_t: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, schedule: VPSchedule, eta: float = 0.0,

@@ -30,6 +30,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import accel  # noqa: E402
 import hyperalign as H  # noqa: E402
 import pipeline  # noqa: E402
+import sampler  # noqa: E402
 
 
 def sync(device) -> None:
@@ -99,7 +100,7 @@ def per_call(pipe, ha, fast, runs: int) -> dict:
     cond, uncond = pipe.conds(["a photo of a cat"])
     x = pipe.noise(1, torch.Generator().manual_seed(0))
     t = pipe.t_batch(pipe.timesteps()[0], 1)
-    x2, t2, c2 = torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])
+    x2, t2, c2 = sampler.guidance_rows(x, t, cond, uncond)
     with torch.no_grad():
         factors = ha.factors(x, t, cond)
         params = ha.prepared(factors)

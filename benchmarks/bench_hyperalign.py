@@ -152,7 +152,7 @@ def bench_components(ha: H.HyperAlign, latent: int, reps: int, device: str, dtyp
     x = torch.randn(n, C, latent, latent, device=device, dtype=dtype)
     cond, uncond = torch.randn(n, 77, E, device=device, dtype=dtype), torch.zeros(n, 77, E, device=device, dtype=dtype)
     t = torch.tensor([500] * n, device=device)
-    x2, t2, c2 = torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])
+    x2, t2, c2 = sampler.guidance_rows(x, t, cond, uncond)
     with torch.no_grad():
         params = ha.prepared(ha.factors(x, t, cond))
         calls = {"u": lambda: unet(x2, t2, c2), "u_mod": lambda: ha.backbone.forward(params, x2, t2, c2),
@@ -190,8 +190,7 @@ def bench_train_step(ha: H.HyperAlign, latent: int, device: str, dtype, grad_ckp
         t0 = time.perf_counter()
         factors = ha.factors(x, t, cond)
         with ha.applied(factors):
-            u, c = unet(torch.cat([x, x]), t.repeat(2), torch.cat([uncond, cond])).chunk(2)
-            x0_hat = ha.backbone.x0_hat(x, t, u + 7.5 * (c - u))
+            x0_hat = ha.backbone.x0_hat(x, t, sampler.guided(unet, x, t, cond, uncond, 7.5))
             x0_hat.float().square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

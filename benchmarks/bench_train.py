@@ -102,9 +102,8 @@ def build_sd(size: int, device, dtype):
     t = torch.tensor([500], device=device)
 
     def model_step(ha, factors):                                                    # CFG, the sample's LoRA
-        x2, t2, c2 = torch.cat([x_t, x_t]), t.repeat(2), torch.cat([uncond, cond])
-        u, c = ha.backbone.forward(ha.prepared(factors), x2, t2, c2).chunk(2)
-        return u + 7.5 * (c - u)
+        weights = ha.prepared(factors)
+        return sampler.guided(lambda *a: ha.backbone.forward(weights, *a), x_t, t, cond, uncond, 7.5)
 
     return dict(backbone=backbone, vae=vae, preset="sd15", x_t=x_t, t=t, cond=cond, model_step=model_step,
                 decode=lambda x0: vae.decode(x0.to(dtype)), extra={"latent": lat, "model_rows": 2})

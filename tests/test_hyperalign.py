@@ -35,6 +35,29 @@ def test_untrained_hypernetwork_gives_exactly_the_base_samples(kind):
             assert rel_err(ours, base) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+@pytest.mark.parametrize("variant", ["S", "P"])
+def test_a_batch_samples_what_each_sample_samples_alone(kind, variant):
+    """A trained (non-zero) hypernetwork: three prompts sampled as one batch (per-sample LoRAs, each made from its own
+    sample's state; on SD with classifier-free guidance, each sample's two copies adjacent) = each prompt alone (one
+    merged LoRA), to float rounding. Catches a LoRA or a state taken from another sample's rows."""
+    pipe = tiny_pipe(kind)
+    ha = make_ha(pipe, variant, key_steps=(0, 2), key_of=4)
+    with torch.no_grad():
+        for p in ha.hypernet.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["a red circle", "a blue square", "two green things"]
+    x_T = pipe.noise(3, torch.Generator().manual_seed(1))
+    cond, uncond = pipe.conds(prompts)
+    batch = pipe.rollout(ha.sampler_model(cond, pipe.steps), x_T, cond, uncond, trajectory=False)
+    alone = []
+    for i, prompt in enumerate(prompts):
+        c, u = pipe.conds([prompt])
+        alone.append(pipe.rollout(ha.sampler_model(c, pipe.steps), x_T[i:i + 1], c, u, trajectory=False))
+    base = pipe.rollout(pipe.backbone, x_T, cond, uncond, trajectory=False)
+    assert rel_err(batch, torch.cat(alone)) < 1e-5 and rel_err(batch, base) > 1e-3
+
+
 def test_variants_make_lora_weights_at_their_steps_and_training_agrees():
     pipe = tiny_pipe("vp", steps=6)
     ts = pipe.timesteps()

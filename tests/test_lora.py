@@ -89,16 +89,12 @@ def one(factors, i):
 
 
 def loop(model, factors, scale, *args):
-    """The per-sample reference: sample b's rows (b, b + B, ...: its K copies) run with its own merged weights."""
+    """The per-sample reference: sample b's rows (its K copies, adjacent: b K ... b K + K - 1) run with its own merged
+    weights."""
     b = next(iter(factors.values()))[0].shape[0]
-    n = args[0].shape[0]
-    out = [None] * n
-    for i in range(b):
-        rows = list(range(i, n, b))
-        y = lora.run(model, lora.merged_params(model, one(factors, i), scale), *[a[rows] for a in args])
-        for j, r in enumerate(rows):
-            out[r] = y[j]
-    return torch.stack(out)
+    k = args[0].shape[0] // b
+    return torch.cat([lora.run(model, lora.merged_params(model, one(factors, i), scale),
+                               *[a[i * k:(i + 1) * k] for a in args]) for i in range(b)])
 
 
 def test_zero_b_is_the_base_model():
@@ -160,9 +156,9 @@ def flux_case(batch: int):
 @pytest.mark.parametrize("k", [1, 2])                              # k = 2: CFG copies share their sample's LoRA
 @pytest.mark.parametrize("budget", [0, 2 ** 23])                   # 0: unmerged; else merged per sample
 def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, monkeypatch):
-    """Both per-sample paths (unmerged, and merged per sample), at their first and second call, = each sample with its
-    own merged weights (a loop), outputs and the gradients of every factor, on the inline U-Net-like model (SD
-    targets) and the tiny FLUX (its double-block targets).
+    """Both per-sample paths (unmerged, and merged per sample) = each sample with its own merged weights (a loop),
+    outputs and the gradients of every factor, on the inline U-Net-like model (SD targets) and the tiny FLUX (its
+    double-block targets).
     NOTE: in float64: with random factors the attention is nearly saturated, and the gradients of q / k through a
     saturated softmax are dominated by float32 rounding (measured 6e-3 apart in fp32, both paths; outputs 1e-7)."""
     monkeypatch.setattr(lora, "PER_SAMPLE_MERGE", budget)
@@ -178,7 +174,7 @@ def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, m
             args = (torch.randn(n, 16, cfg.in_channels), image_ids(n, 8, 8), torch.randn(n, 5, cfg.context_in_dim),
                     torch.zeros(n, 5, 3), torch.rand(n), torch.randn(n, cfg.vec_in_dim), torch.full((n,), 3.5))
         grads, outs = [], []
-        for fn in (lambda f, *a: twice(model, lora.prepare(model, f, 0.5), *a),
+        for fn in (lambda f, *a: lora.run(model, lora.prepare(model, f, 0.5), *a),
                    lambda f, *a: loop(model, f, 0.5, *a)):
             f = {n: (A.clone().requires_grad_(True), B.clone().requires_grad_(True)) for n, (A, B) in factors.items()}
             y = fn(f, *args)
@@ -195,24 +191,30 @@ def test_per_sample_equals_a_loop_over_samples_with_gradients(kind, k, budget, m
 @pytest.mark.parametrize("budget", [0, 2 ** 23])
 def test_per_sample_equals_a_loop_in_float32(budget, monkeypatch):
     """The same as sampling runs it, in float32 and without autograd, outputs only: to fp32 rounding (measured
-    1.5e-6; the loop of the per-sample vmap path it replaces was held to the same 1e-5); the second call runs on the
-    weights tiled to both copies."""
+    1.5e-6; the loop of the per-sample vmap path it replaces was held to the same 1e-5)."""
     monkeypatch.setattr(lora, "PER_SAMPLE_MERGE", budget)
     model, _, factors = make(batch=3)
-    args = inputs(6)
-    weights = lora.prepare(model, factors, 0.5)
+    assert error_to_loop(model, factors, *inputs(6)) < 1e-5
+
+
+def test_merged_per_sample_weights_follow_changes_to_the_base_weights():
+    """prepare keeps each target's Wᵀ between LoRAs (lora.transposed); a weight changed in place, or replaced, is seen
+    by the next LoRA."""
+    model, targets, factors = make(batch=3)
+    args = inputs(3)
+    assert error_to_loop(model, factors, *args) < 1e-5
     with torch.no_grad():
-        assert rel_err(twice(model, weights, *args), loop(model, factors, 0.5, *args)) < 1e-5
-    assert weights.tiles and all(v is not None for v in weights.tiles.values())
+        model.get_submodule(targets[0].name).weight.mul_(2)                            # in place
+    assert error_to_loop(model, factors, *args) < 1e-5
+    module = model.get_submodule(targets[1].name)
+    module.weight = nn.Parameter(torch.randn_like(module.weight), requires_grad=False)   # replaced
+    assert error_to_loop(model, factors, *args) < 1e-5
 
 
-def twice(model, weights, *args):
-    """Run prepared per-sample weights twice: merged ones run one product per copy of the batch at the first call and
-    (without autograd) are tiled to all copies at the second (lora.PerSample.operands; thin factors are tiled at
-    once); both calls must agree. Returns the second output."""
-    first, second = lora.run(model, weights, *args), lora.run(model, weights, *args)
-    assert rel_err(first, second) < 1e-6
-    return second
+def error_to_loop(model, factors, *args) -> float:
+    """Relative error of the per-sample LoRAs (prepare, run) against the loop over samples, without autograd."""
+    with torch.no_grad():
+        return rel_err(lora.run(model, lora.prepare(model, factors, 0.5), *args), loop(model, factors, 0.5, *args))
 
 
 def test_gradients_reach_only_lora_factors_and_survive_checkpointing():
