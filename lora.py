@@ -187,9 +187,10 @@ def _per_sample_linear(module: nn.Linear, weights: tuple[Tensor, ...], b: int, s
     merged, x·(W + s·B_b·A_b)ᵀ + bias; unmerged, x·Wᵀ + bias + s·(x·A_bᵀ)·B_bᵀ."""
     # NOTE: this runs for every target at every model call; each tensor op saved here counts (setting it straight into
     # the module's __dict__ and broadcasting the bias took the LoRA model call from 1.08-1.09x to 1.05x the base
-    # model's: toy SD, batch 4). With a sample's copies adjacent, one product covers all its rows: with the copies
-    # stacked (K B), as diffusers batches CFG, the weights had to be copied K times, or run as K products: HyperAlign
-    # at batch 4 took 1.10 / 1.22 / 1.75x the base model (I / P / S) against 1.06 / 1.17 / 1.67x now (toy SD).
+    # model's: toy SD, batch 4). With a sample's copies adjacent, one product covers all its rows. With the copies
+    # stacked (K B), as diffusers batches CFG, the weights had to be copied K times or run as K products: HyperAlign
+    # at batch 4 took 1.10 / 1.22 / 1.75x the base model (I / P / S), against 1.06 / 1.17 / 1.67x with the copies
+    # adjacent (toy SD, one interleaved run, the layout alone).
     def forward(x: Tensor) -> Tensor:
         if x.shape[0] % b:
             raise ValueError(f"model batch {x.shape[0]} is not a multiple of the {b} LoRA samples")
