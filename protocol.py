@@ -167,8 +167,8 @@ def trained(kind: str, cfg: RunConfig, reuse_only: bool = False, **given):
         try:
             rundir.check_resume(cfg.out, cfg, kind)
             done = rundir.load(cfg.out)[2] == cfg.steps
-        except ValueError:
-            done = False
+        except ValueError as e:                               # said, never silent: it replaces the run
+            print(f"{cfg.out}: not reused, training it again ({e})", flush=True)
     t0 = time.time()
     if not done:
         runs.train(methods.builder(kind, cfg), cfg, overwrite=True, **given)

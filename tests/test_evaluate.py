@@ -3,6 +3,7 @@ protocol's rows trained and scored on tiny pipelines into per-row JSON that resu
 Table 1 on a tiny random SD checkpoint with a tiny version of every reward of the paper's columns; bad arguments."""
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_measure_is_deterministic_and_fills_every_column():
     assert torch.equal(again, im1[:1])
 
 
-def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
+def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch, capsys):
     """Two training seeds of two trained rows and two untrained rows on a tiny pipeline, scored on a few prompts:
     one JSON per row with a figure per training seed, and results.py's table with a t-interval over seeds."""
     pipe = tiny_pipe("vp", steps=2)
@@ -99,6 +100,13 @@ def test_toy_protocol_rows_json_and_tables(tmp_path, monkeypatch):
     lines = results.blocks(a.results)["toy-sd-unseen"].splitlines()
     row = next(ln for ln in lines if ln.startswith("| HyperAlign-I |"))
     assert row.endswith("| 0.550 | 1.1 |")
+    # a finished run with the row's settings is reused; with other settings it is trained again, and said so
+    cfg = P.row_config(hyper, "toy-sd", a, 0)
+    capsys.readouterr()
+    P.generator(hyper, "toy-sd", pipe, P.Rewards(), cfg)
+    assert "not reused" not in capsys.readouterr().out
+    P.generator(hyper, "toy-sd", pipe, P.Rewards(), replace(cfg, lr=cfg.lr / 2))
+    assert f"{cfg.out}: not reused, training it again" in capsys.readouterr().out
 
 
 def test_learning_rate_search_on_another_toy_model(tmp_path, monkeypatch):
