@@ -101,8 +101,7 @@ def build_sd(size: int, device, dtype):
     uncond = torch.randn(1, 77, 768).to(device)
     t = torch.tensor([500], device=device)
 
-    def model_step(ha, factors):                                                    # CFG, the sample's LoRA
-        weights = ha.prepared(factors)
+    def model_step(ha, weights):                                        # under CFG; weights: lora.Weights
         return sampler.guided(lambda *a: ha.backbone.forward(weights, *a), x_t, t, cond, uncond, 7.5)
 
     return dict(backbone=backbone, vae=vae, preset="sd15", x_t=x_t, t=t, cond=cond, model_step=model_step,
@@ -124,7 +123,7 @@ def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dty
         full = n_params(Flux(FluxConfig()))
 
     return dict(backbone=backbone, vae=vae, preset="flux-dev", x_t=x_t, t=t, cond=cond,
-                model_step=lambda ha, factors: ha.backbone.forward(ha.prepared(factors), x_t, t, cond),
+                model_step=lambda ha, weights: ha.backbone.forward(weights, x_t, t, cond),
                 decode=lambda x0: vae.decode(sampler.unpack(x0, h, w).to(dtype)),
                 extra={"blocks": f"{double} double + {single} single of 19 + 38", "img_tokens": x_t.shape[1],
                        "txt_tokens": txt_tokens, "model_rows": 1, "full_model_params_M": round(full / 1e6),
@@ -149,13 +148,16 @@ def bench(case: dict, device, grad_ckpt: bool, rank: int | None) -> dict:
     res = {**case["extra"], "frozen_params_M": round(frozen / 1e6),
            "hypernet_params_M": round(n_params(ha.hypernet) / 1e6, 2)}
 
+    with torch.no_grad():
+        kept = ha.prepared(ha.factors(x_t, t, cond))                    # a LoRA kept for its segment (I, P)
+
     def model_call():                               # one sampling-step model call (the rollout is N of these)
         with torch.no_grad():
-            case["model_step"](ha, None)
+            case["model_step"](ha, kept)
 
     def train_step():
         factors = ha.factors(x_t, t, cond)                              # Δθ = H(E(x_t, t, c)), with gradient
-        with ha.substituted(factors):                                   # forward and backward with θ + Δθ
+        with ha.applied(factors):                                       # forward and backward with θ + Δθ
             pred = case["model_step"](ha, None)
             images = case["decode"](bb.x0_hat(x_t, t, pred)).float()    # (1, 3, H, W)
             loss = -(images / 2 + 0.5).clamp(0, 1).mean()               # stand-in for -r(D(x0_hat))
