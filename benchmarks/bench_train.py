@@ -14,6 +14,7 @@ The sampling rollout before it (no gradient) costs `sampling steps` x the timed 
     python benchmarks/bench_train.py                        # CPU fp32, 256 px (SD latent 32, FLUX 256 tokens)
     python benchmarks/bench_train.py --device cuda --dtype bfloat16 --size 512 --grad-ckpt   # a real GPU
     python benchmarks/bench_train.py --device cuda --dtype bfloat16 --size 1024 --only flux --grad-ckpt
+    python benchmarks/bench_train.py --tiny                  # toy sizes on the CPU: a smoke test, not a measurement
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -90,44 +92,47 @@ def n_params(m: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- setup
 
-def build_sd(size: int, device, dtype):
+def build_sd(size: int, device, dtype, tiny: bool = False):
     with torch.device("meta"):
-        unet, vae = make_unet("sd15"), make_vae("sd")
+        unet, vae = (make_unet("toy-sd"), make_vae("toy-sd")) if tiny else (make_unet("sd15"), make_vae("sd"))
     unet, vae = randomise(unet, device, dtype), randomise(vae, device, dtype)
     backbone = VP(unet, sampler.VPSchedule.from_config(None))
-    lat = size // 8
-    x_t = torch.randn(1, 4, lat, lat).to(device)                                    # (B, C, h, w)
-    cond = torch.randn(1, 77, 768).to(device)                                       # CLIP-L hidden states
-    uncond = torch.randn(1, 77, 768).to(device)
+    lat = size // 2 ** (len(vae.config.block_out_channels) - 1)
+    x_t = torch.randn(1, unet.config.in_channels, lat, lat).to(device)              # (B, C, h, w)
+    E = unet.config.cross_attention_dim
+    cond = torch.randn(1, 77, E).to(device)                                         # CLIP-L hidden states
+    uncond = torch.randn(1, 77, E).to(device)
     t = torch.tensor([500], device=device)
 
     def model_step(ha, weights):                                        # under CFG; weights: lora.Weights
         return sampler.guided(lambda *a: ha.backbone.forward(weights, *a), x_t, t, cond, uncond, 7.5)
 
-    return dict(backbone=backbone, vae=vae, preset="sd15", x_t=x_t, t=t, cond=cond, model_step=model_step,
-                decode=lambda x0: vae.decode(x0.to(dtype)), extra={"latent": lat, "model_rows": 2})
+    return dict(backbone=backbone, vae=vae, preset="toy-sd" if tiny else "sd15", x_t=x_t, t=t, cond=cond,
+                model_step=model_step, decode=lambda x0: vae.decode(x0.to(dtype)),
+                extra={"latent": lat, "model_rows": 2})
 
 
-def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dtype):
-    cfg = FluxConfig(depth=double, depth_single_blocks=single)                      # flux-dev width
+def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dtype, tiny: bool = False):
+    cfg = (replace(FluxConfig.preset("flux-tiny"), in_channels=64, out_channels=64) if tiny else
+           FluxConfig(depth=double, depth_single_blocks=single))                    # flux-dev width
     with torch.device("meta"):
-        model, vae = Flux(cfg), make_vae("flux")
+        model, vae = Flux(cfg), make_vae("toy-flux" if tiny else "flux")
     model, vae = randomise(model, device, dtype), randomise(vae, device, dtype)
     backbone = Flow(model)
-    h = w = size // 8                                                               # latent (16, h, w)
+    h = w = size // 2 ** (len(vae.config.block_out_channels) - 1)                  # latent (16, h, w)
     x_t = sampler.pack(torch.randn(1, 16, h, w)).to(device)                         # (B, h w / 4, 64)
-    cond = sampler.flux_cond(torch.randn(1, txt_tokens, 4096).to(device), torch.randn(1, 768).to(device),
-                             sampler.image_ids(1, h, w, device), 3.5)
+    cond = sampler.flux_cond(torch.randn(1, txt_tokens, cfg.context_in_dim).to(device),
+                             torch.randn(1, cfg.vec_in_dim).to(device), sampler.image_ids(1, h, w, device), 3.5)
     t = torch.tensor([0.5], device=device)
     with torch.device("meta"):
         full = n_params(Flux(FluxConfig()))
 
-    return dict(backbone=backbone, vae=vae, preset="flux-dev", x_t=x_t, t=t, cond=cond,
+    return dict(backbone=backbone, vae=vae, preset="toy-flux" if tiny else "flux-dev", x_t=x_t, t=t, cond=cond,
                 model_step=lambda ha, weights: ha.backbone.forward(weights, x_t, t, cond),
                 decode=lambda x0: vae.decode(sampler.unpack(x0, h, w).to(dtype)),
-                extra={"blocks": f"{double} double + {single} single of 19 + 38", "img_tokens": x_t.shape[1],
-                       "txt_tokens": txt_tokens, "model_rows": 1, "full_model_params_M": round(full / 1e6),
-                       "full_model_weights_bf16_gib": round(2 * full / GiB, 2)})
+                extra={"blocks": "flux-tiny" if tiny else f"{double} double + {single} single of 19 + 38",
+                       "img_tokens": x_t.shape[1], "txt_tokens": txt_tokens, "model_rows": 1,
+                       "full_model_params_M": round(full / 1e6), "full_model_weights_bf16_gib": round(2 * full / GiB, 2)})
 
 
 # ------------------------------------------------------------------------------------------------------------ step
@@ -202,14 +207,15 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the preset's)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the frozen model")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: a smoke test of this script")
     a = p.parse_args()
-    device = torch.device(a.device)
+    device = torch.device("cpu" if a.tiny else a.device)
     cuda = device.type == "cuda"
     if a.threads:
         torch.set_num_threads(a.threads)
     fix_malloc_threshold()
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
-    size = a.size or (512 if cuda else 256)
+    size = a.size or (16 if a.tiny else 512 if cuda else 256)
     head = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
             "dtype": str(dtype).removeprefix("torch."), "size_px": size, "grad_ckpt": a.grad_ckpt}
     print(json.dumps(head), flush=True)
@@ -217,8 +223,8 @@ def main() -> None:
         if a.only not in (None, name):
             continue
         torch.manual_seed(0)
-        case = (build_sd(size, device, dtype) if name == "sd15" else
-                build_flux(size, a.double, a.single, a.txt_tokens or (512 if cuda else 64), device, dtype))
+        case = (build_sd(size, device, dtype, a.tiny) if name == "sd15" else
+                build_flux(size, a.double, a.single, a.txt_tokens or (512 if cuda else 64), device, dtype, a.tiny))
         res = bench(case, device, a.grad_ckpt, a.rank)
         print(json.dumps({"model": name, **res}), flush=True)
         del case

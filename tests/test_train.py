@@ -216,3 +216,17 @@ def test_a_batch_in_one_call_equals_its_samples_one_at_a_time(kind):
         assert together.abs().sum() > 0 and rel_err(together, apart) < 1e-10
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_the_training_benchmark_runs():
+    """benchmarks/bench_train.py on toy sizes on the CPU (--tiny): a line for each model with its time and memory
+    fields. A smoke test, not a measurement: the script once broke unnoticed when the LoRA API changed."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "benchmarks/bench_train.py", "--tiny", "--threads", "1"], cwd=root,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [ln.get("model") for ln in lines[1:]] == ["sd15", "flux"]
+    assert all({"nograd_model_call_s", "train_step_s", "peak_gib"} <= set(ln) for ln in lines[1:])
