@@ -132,7 +132,8 @@ def build_flux(size: int, double: int, single: int, txt_tokens: int, device, dty
                 decode=lambda x0: vae.decode(sampler.unpack(x0, h, w).to(dtype)),
                 extra={"blocks": "flux-tiny" if tiny else f"{double} double + {single} single of 19 + 38",
                        "img_tokens": x_t.shape[1], "txt_tokens": txt_tokens, "model_rows": 1,
-                       "full_model_params_M": round(full / 1e6), "full_model_weights_bf16_gib": round(2 * full / GiB, 2)})
+                       "full_model_params_M": round(full / 1e6),
+                       "full_model_weights_bf16_gib": round(2 * full / GiB, 2)})
 
 
 # ------------------------------------------------------------------------------------------------------------ step
