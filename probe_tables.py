@@ -8,12 +8,12 @@ from scoring import interval_cell as cell
 
 def capability_table(c: dict) -> str:
     """capability.json: can the hypernetwork learn two opposite LoRAs for two prompts, per head scale and lr?"""
-    cell = {(r["head_gain"], r["lr"]): f"{r['loss']:.3f} / {r['adaptivity']:.3f}" for r in c["runs"]}
+    cells = {(r["head_gain"], r["lr"]): f"{r['loss']:.3f} / {r['adaptivity']:.3f}" for r in c["runs"]}
     lrs = sorted({r["lr"] for r in c["runs"]})
     lines = ["| head | " + " | ".join(f"lr {lr:g}: loss / adaptivity" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for gain in sorted({r["head_gain"] for r in c["runs"]}):
         name = f"`HEAD_GAIN` = {gain:g}" + (" (`nn.Linear`'s default scale)" if gain == 1 else "")
-        lines.append(f"| {name} | " + " | ".join(cell.get((gain, lr), "—") for lr in lrs) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells.get((gain, lr), "—") for lr in lrs) + " |")
     return "\n".join(lines)
 
 

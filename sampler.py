@@ -131,7 +131,7 @@ def guided(model: Callable, x_t: torch.Tensor, t: torch.Tensor, cond, uncond=Non
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): uncond + g (cond - uncond), in one model call per step
     (the batch: guidance_rows); without guidance (g <= 1 or no uncond) the model on x_t, t (B,), cond."""
     if guidance > 1.0 and uncond is not None:
-        pred_uncond, pred_cond = model(*guidance_rows(x_t, t, cond, uncond)).unflatten(0, (-1, 2)).unbind(1)
+        pred_uncond, pred_cond = guidance_split(model(*guidance_rows(x_t, t, cond, uncond)))
         return pred_uncond + guidance * (pred_cond - pred_uncond)
     return model(x_t, t, cond)
 
@@ -142,6 +142,11 @@ def guidance_rows(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond
     NOTE: diffusers stacks the copies as [uncond; cond] (2 B). With each sample's copies adjacent, a per-sample LoRA
     (HyperAlign at batch > 1) runs a sample's rows as one matrix, with no copy of its weights per copy (lora.py)."""
     return x_t.repeat_interleave(2, 0), t.repeat_interleave(2, 0), torch.stack([uncond, cond], 1).flatten(0, 1)
+
+
+def guidance_split(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output on guidance_rows (2B, ...) -> (unconditional, conditional) predictions, each (B, ...)."""
+    return pred.unflatten(0, (-1, 2)).unbind(1)
 
 
 def ddim_step(x_t: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, schedule: VPSchedule, eta: float = 0.0,

@@ -145,7 +145,7 @@ def freedom(pipe: Pipeline, reward, prompts: list[str], x_T: Tensor, window: tup
         for _ in range(r):
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(guide)
-                e_u, e_c = counted(*sampler.guidance_rows(xg, tb, cond, uncond)).unflatten(0, (-1, 2)).unbind(1)
+                e_u, e_c = sampler.guidance_split(counted(*sampler.guidance_rows(xg, tb, cond, uncond)))
                 e_t = e_u + pipe.guidance * (e_c - e_u)
                 x0 = bb.x0_hat(xg, tb, e_t)
                 if guide:
